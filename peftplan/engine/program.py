@@ -1,0 +1,428 @@
+"""The forward pass of a TunedModel as ops on the symbolic tape, following the HF implementations.
+
+Sources, transformers 5.23: models/llama/modeling_llama.py (LlamaRMSNorm, apply_rotary_pos_emb,
+LlamaMLP, LlamaDecoderLayer), integrations/sdpa_attention.py, loss/loss_utils.py
+(ForCausalLMLoss upcasts logits to fp32), models/gpt2, opt, bloom, bert, t5. peft 0.21:
+tuners/lora/layer.py (Linear.forward casts x to the adapter dtype per adapter), tuners/lora/dora.py,
+tuners/ia3/layer.py. bitsandbytes 0.50: nn/modules.py Linear4bit.forward, autograd/_functions.py
+MatMul4Bit (dequantizes the weight in forward and again in backward, saves no activation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch import ModelArch
+from ..dtypes import BOOL, FP32, INT64, DType
+from ..training import Training
+from ..tuned import BottleneckAdapter, TunedBlock, TunedLinear, TunedModel
+from .autograd import Param
+from .ops import Ctx, add, cast, elementwise, linear, mul, scale
+from .sim import Tensor
+
+
+@dataclass(eq=False)
+class LinearParams:
+    tuned: TunedLinear
+    weight: Param
+    bias: Param | None
+    lora_a: Param | None = None
+    lora_b: Param | None = None
+    magnitude: Param | None = None
+    ia3: Param | None = None
+
+
+@dataclass(eq=False)
+class BlockParams:
+    tuned: TunedBlock
+    linears: list[LinearParams]
+    norms: list[Param]
+    adapters: list[tuple[BottleneckAdapter, Param, Param]]  # (spec, down weight+bias, up weight+bias)
+
+
+@dataclass(eq=False)
+class ModelParams:
+    embedding: Param
+    other_embeddings: list[Param]
+    blocks: list[BlockParams]
+    final_norms: list[Param]
+    head: Param | None  # untied lm_head
+    head_linears: list[Param]
+    extra: list[Param]
+
+
+def _dropout(ctx: Ctx, x: Tensor, p: float) -> Tensor:
+    """nn.Dropout(p) in training: a new tensor and a saved bool mask (native_dropout); p=0 is identity."""
+    if p <= 0:
+        return ctx.tape.alloc.retain(x)
+    mask = ctx.tape.new(x.numel, BOOL, False, "dropout_mask")
+    out = ctx.tape.new(x.numel, x.dtype, x.requires_grad, "dropout")
+    ctx.tape.record("dropout", [x], [out], [mask])
+    ctx.tape.drop(mask)
+    return out
+
+
+def tuned_linear(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
+    """A block linear with whatever the method wrapped around it (LoRA/DoRA/QLoRA/IA3)."""
+    t = lp.tuned
+    lin = t.linear
+    tape = ctx.tape
+    x_in = x
+    if t.ia3 == "in":
+        # peft ia3 Linear.forward (feed-forward): x = x * ia3_l; mul saves x for the vector's grad
+        x_in = mul(ctx, cast(ctx, x, x.dtype), tape.param_tensor(lp.ia3))  # type: ignore[arg-type]
+    if t.quant is not None:
+        result = _quantized_base(ctx, x_in, lp)
+    else:
+        result = linear(ctx, x_in, lp.weight, lp.bias, lin.out_features)
+    if x_in is not x:
+        tape.drop(x_in)
+    if t.ia3 == "out":
+        scaled = mul(ctx, result, tape.param_tensor(lp.ia3))  # type: ignore[arg-type]
+        tape.drop(result)
+        result = scaled
+    if t.lora_rank:
+        result = _lora(ctx, x, result, lp)
+    return result
+
+
+def _quantized_base(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
+    """bnb Linear4bit: x.to(compute dtype); linear with a dequantized weight temp; .to(input dtype)."""
+    tape = ctx.tape
+    lin = lp.tuned.linear
+    compute = ctx.autocast or x.dtype
+    xc = cast(ctx, x, compute)
+    deq = tape.new(lin.weight_numel, compute, False, "dequantized_weight")
+    out = tape.new(ctx.tokens * lin.out_features, compute, xc.requires_grad, "linear4bit")
+    # MatMul4Bit saves only the packed weight (already counted); its backward dequantizes again.
+    tape.record("matmul_4bit", [xc], [out], [], backward_scratch=deq.nbytes)
+    tape.drop(deq, xc)
+    result = cast(ctx, out, x.dtype)
+    tape.drop(out)
+    return result
+
+
+def _lora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
+    """peft lora.Linear.forward: result + lora_B(lora_A(dropout(x.to(adapter dtype)))) * scaling."""
+    tape = ctx.tape
+    t = lp.tuned
+    lin = t.linear
+    assert lp.lora_a is not None and lp.lora_b is not None and t.lora_dtype is not None
+    xa = cast(ctx, x, t.lora_dtype)
+    xd = _dropout(ctx, xa, t.lora_dropout)
+    tape.drop(xa)
+    a = linear(ctx, xd, lp.lora_a, None, t.lora_rank)
+    tape.drop(xd)
+    b = linear(ctx, a, lp.lora_b, None, lin.out_features)
+    tape.drop(a)
+    if t.dora:
+        lora_out = _dora(ctx, x, base_out, b, lp)
+        tape.drop(b)
+        out = add(ctx, base_out, lora_out)
+        tape.drop(base_out, lora_out)
+    else:
+        s = scale(ctx, b)
+        tape.drop(b)
+        out = add(ctx, base_out, s)
+        tape.drop(base_out, s)
+    final = cast(ctx, out, base_out.dtype)
+    tape.drop(out)
+    return final
+
+
+def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lora_result: Tensor, lp: LinearParams) -> Tensor:
+    """peft DoraLinearLayer.forward: weight norm of W + s*BA (detached) and the magnitude rescale.
+
+    Temporaries: B@A (out x in), W cast to x's dtype, W + s*BA and its norm, all freed before the
+    activations; saved: base_result and lora_result for the magnitude's gradient.
+    """
+    tape = ctx.tape
+    lin = lp.tuned.linear
+    wdt = x.dtype if x.dtype.bits >= 16 else FP32
+    lora_weight = tape.new(lin.weight_numel, wdt, False, "dora_lora_weight")
+    weight = tape.new(lin.weight_numel, wdt, False, "dora_weight")
+    summed = tape.new(lin.weight_numel, wdt, False, "dora_w_plus_ba")
+    tape.drop(summed, weight, lora_weight)
+    mag = tape.param_tensor(lp.magnitude)  # type: ignore[arg-type]
+    # (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
+    left = elementwise(ctx, "mul", mag, base_out, numel=base_out.numel, out_dtype=base_out.dtype)
+    right = elementwise(ctx, "mul", mag, lora_result, numel=lora_result.numel, out_dtype=lora_result.dtype)
+    right_s = scale(ctx, right)
+    tape.drop(right)
+    out = add(ctx, left, right_s)
+    tape.drop(left, right_s)
+    return out
+
+
+def _rmsnorm(ctx: Ctx, h: Tensor, w: Param, gemma: bool = False) -> Tensor:
+    """LlamaRMSNorm: h.to(fp32); pow(2).mean; rsqrt; h*r; .to(input dtype); weight * that."""
+    tape = ctx.tape
+    n = ctx.tokens
+    h32 = cast(ctx, h, FP32)
+    sq = tape.new(h32.numel, FP32, h32.requires_grad, "pow")
+    tape.record("pow", [h32], [sq], [h32])
+    var = tape.new(n, FP32, h32.requires_grad, "mean")
+    tape.record("mean", [sq], [var], [])
+    tape.drop(sq)
+    r = tape.new(n, FP32, h32.requires_grad, "rsqrt")
+    tape.record("rsqrt", [var], [r], [r])
+    tape.drop(var)
+    y = mul(ctx, h32, r)
+    tape.drop(h32, r)
+    y2 = cast(ctx, y, h.dtype) if not gemma else tape.alloc.retain(y)
+    tape.drop(y)
+    wt = tape.param_tensor(w)
+    if gemma:
+        # Gemma2RMSNorm: output * (1.0 + weight.float()), then .type_as(x)
+        one_plus = elementwise(ctx, "add_scalar", wt, save_inputs=False, out_dtype=FP32)
+        out32 = mul(ctx, y2, one_plus)
+        tape.drop(one_plus)
+        out = cast(ctx, out32, h.dtype)
+        tape.drop(out32, y2)
+        return out
+    out = elementwise(ctx, "mul", wt, y2, numel=y2.numel, out_dtype=w.dtype if w.dtype.bits > y2.dtype.bits else y2.dtype)
+    tape.drop(y2)
+    return out
+
+
+def _layernorm(ctx: Ctx, h: Tensor, w: Param) -> Tensor:
+    """nn.LayerNorm (native_layer_norm): saves input, mean and rstd (fp32 per row)."""
+    tape = ctx.tape
+    rg = h.requires_grad or w.trainable
+    out = tape.new(h.numel, h.dtype if ctx.autocast is None else FP32, rg, "layer_norm")
+    # layer_norm is an fp32 op under autocast: the input is upcast (a copy when half)
+    hin = cast(ctx, h, FP32) if ctx.autocast is not None else tape.alloc.retain(h)
+    mean = tape.new(ctx.tokens, FP32, False, "ln_mean")
+    rstd = tape.new(ctx.tokens, FP32, False, "ln_rstd")
+    tape.record("layer_norm", [hin, tape.param_tensor(w)], [out], [hin, mean, rstd])
+    tape.drop(hin, mean, rstd)
+    return out
+
+
+def _norm(ctx: Ctx, arch: ModelArch, h: Tensor, w: Param) -> Tensor:
+    if arch.norm_kind == "layernorm":
+        return _layernorm(ctx, h, w)
+    return _rmsnorm(ctx, h, w, gemma=arch.family == "gemma2")
+
+
+def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tensor, v: Tensor,
+               kv_tokens: int, causal: bool) -> Tensor:
+    """The attention core on projected q/k/v; returns the output (N x H*hd).
+
+    SDPA (flash / memory-efficient kernels) saves q, k, v, the output and a logsumexp
+    (B x H x T, fp32). Eager attention (eager_attention_forward) materialises repeat_kv copies of
+    k and v, the scores (B x H x T x S) in the compute dtype, the fp32 softmax and its cast back.
+    """
+    tape = ctx.tape
+    B = training.micro_batch
+    H, K, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    T = ctx.tokens // B
+    dt = ctx.autocast or q.dtype
+    qc = cast(ctx, q, dt)
+    kc = cast(ctx, k, dt)
+    vc = cast(ctx, v, dt)
+    rg = qc.requires_grad or kc.requires_grad or vc.requires_grad
+    if training.attention == "eager":
+        groups = H // K
+        kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
+        vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
+        scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
+        tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
+        masked = tape.new(scores.numel, dt, rg, "masked_scores")
+        tape.record("add_mask", [scores], [masked], [])
+        tape.drop(scores)
+        probs32 = tape.new(masked.numel, FP32, rg, "softmax_fp32")
+        tape.record("softmax", [masked], [probs32], [probs32])
+        tape.drop(masked)
+        probs = cast(ctx, probs32, dt)
+        tape.drop(probs32)
+        out = tape.new(qc.numel, dt, rg or vr.requires_grad, "attn_out")
+        tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None])
+        tape.drop(probs, kr, vr, qc, kc, vc)
+        return out
+    lse = tape.new(B * H * T, FP32, False, "logsumexp")
+    out = tape.new(qc.numel, dt, rg, "sdpa_out")
+    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse],
+                backward_scratch=0)
+    tape.drop(lse, qc, kc, vc)
+    return out
+
+
+def _rope(ctx: Ctx, x: Tensor, cos: Tensor) -> Tensor:
+    """apply_rotary_pos_emb: (x * cos) + (rotate_half(x) * sin); saves only cos/sin (no grad)."""
+    tape = ctx.tape
+    dt = x.dtype if x.dtype.bits >= cos.dtype.bits else cos.dtype
+    a = tape.new(x.numel, dt, x.requires_grad, "x_cos")
+    tape.record("mul", [x], [a], [])
+    half = tape.new(x.numel // 2, x.dtype, x.requires_grad, "neg")
+    rot = tape.new(x.numel, x.dtype, x.requires_grad, "cat")
+    tape.drop(half)
+    b = tape.new(x.numel, dt, x.requires_grad, "rot_sin")
+    tape.record("mul", [rot], [b], [])
+    tape.drop(rot)
+    out = add(ctx, a, b)
+    tape.drop(a, b)
+    return out
+
+
+def _adapter(ctx: Ctx, x: Tensor, spec: BottleneckAdapter, down: Param, up: Param) -> Tensor:
+    """Bottleneck adapter body: up(relu(down(x))) (the caller adds the residual)."""
+    tape = ctx.tape
+    xa = cast(ctx, x, spec.dtype) if ctx.autocast is None else tape.alloc.retain(x)
+    d = linear(ctx, xa, down, None, spec.size)
+    tape.drop(xa)
+    r = tape.new(d.numel, d.dtype, d.requires_grad, "relu")
+    tape.record("relu", [d], [r], [r])
+    tape.drop(d)
+    u = linear(ctx, r, up, None, spec.dim)
+    tape.drop(r)
+    out = cast(ctx, u, x.dtype)
+    tape.drop(u)
+    return out
+
+
+def _with_adapters(ctx: Ctx, placement: str, h: Tensor, bp: BlockParams) -> Tensor:
+    for spec, down, up in bp.adapters:
+        if spec.placement == placement:
+            a = _adapter(ctx, h, spec, down, up)
+            out = add(ctx, h, a)
+            ctx.tape.drop(a, h)
+            h = out
+    return h
+
+
+def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
+                  cos: Tensor | None, kv_tokens: int, encoder_out: Tensor | None = None) -> Tensor:
+    """One decoder/encoder layer. Consumes the caller's reference to `h`; returns the new hidden state."""
+    tape = ctx.tape
+    lps = {lp.tuned.linear.role: lp for lp in bp.linears}
+    norms = iter(bp.norms)
+    pre_ln = not (arch.family == "opt" and not arch.config.get("do_layer_norm_before", True)) and arch.family != "bert"
+    drop_p = float(arch.config.get("resid_pdrop", arch.config.get("hidden_dropout_prob",
+                   arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)
+    if arch.family in ("llama", "gemma2", "phi3"):
+        drop_p = 0.0
+
+    def attn_part(x: Tensor, prefix: str, kv_src: Tensor | None, causal: bool) -> Tensor:
+        if f"{prefix}qkv" in lps:
+            qkv = tuned_linear(ctx, x, lps[f"{prefix}qkv"])
+            H, K, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
+            n = ctx.tokens
+            q = tape.new(n * H * hd, qkv.dtype, qkv.requires_grad, "q_split")
+            k = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "k_split")
+            v = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "v_split")
+            tape.record("split", [qkv], [q, k, v], [])
+            tape.drop(qkv)
+        else:
+            q = tuned_linear(ctx, x, lps[f"{prefix}q"])
+            src = kv_src if kv_src is not None else x
+            k = tuned_linear(ctx, src, lps[f"{prefix}k"])
+            v = tuned_linear(ctx, src, lps[f"{prefix}v"])
+        if cos is not None and not prefix:
+            qr, kr = _rope(ctx, q, cos), _rope(ctx, k, cos)
+            tape.drop(q, k)
+            q, k = qr, kr
+        a = _attention(ctx, arch, training, q, k, v, kv_tokens if not prefix else ctx.tokens, causal)
+        tape.drop(q, k, v)
+        o = tuned_linear(ctx, a, lps[f"{prefix}o"])
+        tape.drop(a)
+        od = _dropout(ctx, o, drop_p)
+        tape.drop(o)
+        return od
+
+    def mlp_part(x: Tensor) -> Tensor:
+        if "gate_up" in lps:
+            gu = tuned_linear(ctx, x, lps["gate_up"])
+            gate = tape.new(gu.numel // 2, gu.dtype, gu.requires_grad, "chunk")
+            up = tape.new(gu.numel // 2, gu.dtype, gu.requires_grad, "chunk")
+            tape.record("chunk", [gu], [gate, up], [])
+            tape.drop(gu)
+        elif "gate" in lps:
+            gate = tuned_linear(ctx, x, lps["gate"])
+            up = tuned_linear(ctx, x, lps["up"])
+        else:
+            gate, up = tuned_linear(ctx, x, lps["up"]), None
+        act = elementwise(ctx, "act", gate)  # silu / gelu save their input
+        tape.drop(gate)
+        if up is not None:
+            prod = mul(ctx, act, up)
+            tape.drop(act, up)
+        else:
+            prod = act
+        if arch.family == "t5":
+            pd = _dropout(ctx, prod, drop_p)
+            tape.drop(prod)
+            prod = pd
+        down = tuned_linear(ctx, prod, lps["down"])
+        tape.drop(prod)
+        dd = _dropout(ctx, down, drop_p)
+        tape.drop(down)
+        return dd
+
+    # ---- self-attention ----
+    residual = h
+    x = _norm(ctx, arch, h, next(norms)) if pre_ln else tape.alloc.retain(h)
+    a = attn_part(x, "", None, causal=arch.task == "causal-lm" or bp.tuned.block.stack != "encoder")
+    tape.drop(x)
+    a = _with_adapters(ctx, "after-attn", a, bp)
+    if arch.family == "gemma2":
+        an = _norm(ctx, arch, a, next(norms))
+        tape.drop(a)
+        a = an
+    h = add(ctx, residual, a)
+    tape.drop(residual, a)
+    if not pre_ln:
+        hn = _norm(ctx, arch, h, next(norms))
+        tape.drop(h)
+        h = hn
+    # ---- cross-attention (T5 decoder) ----
+    if bp.tuned.block.stack == "cross-decoder" and encoder_out is not None:
+        residual = h
+        x = _norm(ctx, arch, h, next(norms))
+        c = attn_part(x, "cross_", encoder_out, causal=False)
+        tape.drop(x)
+        h = add(ctx, residual, c)
+        tape.drop(residual, c)
+    # ---- MLP ----
+    residual = h
+    x = _norm(ctx, arch, h, next(norms)) if pre_ln else tape.alloc.retain(h)
+    parallel = [s for s in bp.adapters if s[0].placement == "parallel-mlp"]
+    m = mlp_part(x)
+    for spec, down, up in parallel:
+        pa = _adapter(ctx, x, spec, down, up)
+        m2 = add(ctx, m, pa)
+        tape.drop(m, pa)
+        m = m2
+    tape.drop(x)
+    m = _with_adapters(ctx, "after-mlp", m, bp)
+    if arch.family == "gemma2":
+        mn = _norm(ctx, arch, m, next(norms))
+        tape.drop(m)
+        m = mn
+    h2 = add(ctx, residual, m)
+    tape.drop(residual, m)
+    if not pre_ln:
+        hn = _norm(ctx, arch, h2, next(norms))
+        tape.drop(h2)
+        h2 = hn
+    return h2
+
+
+def loss_forward(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, vocab: int, label_tokens: int) -> Tensor:
+    """lm_head, fp32 upcast of the logits, cross-entropy (log_softmax saves its fp32 output)."""
+    tape = ctx.tape
+    logits = linear(ctx, h, head, None, vocab)
+    logits32 = cast(ctx, logits, FP32)
+    tape.drop(logits)  # Trainer.compute_loss keeps only the loss: the half logits die here
+    if logits32.category != "saved_activations":
+        tape.alloc.recategorize(logits32, "loss_logits")
+    lsm = tape.new(logits32.numel, FP32, logits32.requires_grad, "log_softmax")
+    tape.alloc.recategorize(lsm, "loss_logits")
+    tape.record("log_softmax", [logits32], [lsm], [lsm])
+    tape.drop(logits32)
+    target = tape.new(label_tokens, INT64, False, "target")
+    tape.alloc.recategorize(target, "inputs")
+    loss = tape.new(1, FP32, lsm.requires_grad, "loss")
+    tape.record("nll_loss", [lsm], [loss], [target])
+    tape.drop(lsm, target)
+    return loss

@@ -1,0 +1,119 @@
+"""A symbolic allocator: the training step as a timeline of tensor allocations and frees.
+
+No tensor holds data; each has a byte size (rounded up to the CUDA caching allocator's 512-byte
+block, c10/cuda/CUDACachingAllocator.cpp `kMinBlockSize`), a category and a reference count.
+The running total and its maximum give the peak of `torch.cuda.max_memory_allocated`; the
+breakdown by category at the peak says which term made it.
+
+Categories match what the tracer (peftplan/harness/trace.py) records, so the two compare term
+by term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..dtypes import DType
+
+Category = Literal[
+    "frozen_params", "trainable_params", "quant_constants", "grads", "optimizer_state",
+    "saved_activations", "temporaries", "loss_logits", "inputs",
+]
+CATEGORIES: tuple[Category, ...] = (
+    "frozen_params", "trainable_params", "quant_constants", "grads", "optimizer_state",
+    "saved_activations", "loss_logits", "temporaries", "inputs",
+)
+
+ALLOC_BLOCK = 512  # CUDACachingAllocator rounds every request up to a multiple of 512 bytes (kMinBlockSize)
+
+
+def rounded(n_bytes: int) -> int:
+    """Bytes the caching allocator hands out for an `n_bytes` request."""
+    if n_bytes <= 0:
+        return 0
+    return -(-n_bytes // ALLOC_BLOCK) * ALLOC_BLOCK
+
+
+@dataclass(eq=False)
+class Tensor:
+    """A symbolic tensor: `numel` elements of `dtype`; `nbytes` is its rounded allocation."""
+
+    numel: int
+    dtype: DType
+    category: Category
+    requires_grad: bool = False
+    nbytes: int = 0
+    refs: int = 1
+    alive: bool = True
+    label: str = ""
+
+
+@dataclass
+class Peak:
+    bytes: int = 0
+    phase: str = "load"
+    components: dict[str, int] = field(default_factory=dict)
+
+
+class Allocator:
+    """Running total of live bytes, by category, with the peak and its phase."""
+
+    def __init__(self) -> None:
+        self.by_category: dict[str, int] = {c: 0 for c in CATEGORIES}
+        self.total = 0
+        self.phase = "load"
+        self.peak = Peak()
+        self.phase_peaks: dict[str, int] = {}
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def _note(self) -> None:
+        key = self.phase.split(":")[0]
+        if self.total > self.phase_peaks.get(key, -1):
+            self.phase_peaks[key] = self.total
+        if self.total > self.peak.bytes:
+            self.peak = Peak(self.total, self.phase, dict(self.by_category))
+
+    def new(self, numel: int, dtype: DType, category: Category, requires_grad: bool = False,
+            label: str = "", count: int = 1) -> Tensor:
+        """Allocate `count` identical tensors as one record (e.g. one per layer); returns the record."""
+        nbytes = rounded(dtype.bytes_for(numel)) * count
+        t = Tensor(numel, dtype, category, requires_grad, nbytes, 1, True, label)
+        self.by_category[category] += nbytes
+        self.total += nbytes
+        self._note()
+        return t
+
+    def add_bytes(self, nbytes: int, category: Category) -> None:
+        """Account already-rounded bytes (a group of small tensors computed elsewhere)."""
+        self.by_category[category] += nbytes
+        self.total += nbytes
+        self._note()
+
+    def recategorize(self, t: Tensor, category: Category) -> None:
+        if t.alive and t.category != category:
+            self.by_category[t.category] -= t.nbytes
+            self.by_category[category] += t.nbytes
+            t.category = category
+
+    def retain(self, t: Tensor) -> Tensor:
+        t.refs += 1
+        return t
+
+    def release(self, t: Tensor | None) -> None:
+        """Drop one reference; free the storage when none is left."""
+        if t is None or not t.alive:
+            return
+        t.refs -= 1
+        if t.refs <= 0:
+            t.alive = False
+            self.by_category[t.category] -= t.nbytes
+            self.total -= t.nbytes
+
+    def spike(self, nbytes: int, category: Category = "temporaries") -> None:
+        """A transient allocation freed at once (e.g. a kernel's scratch buffer)."""
+        self.add_bytes(nbytes, category)
+        self.by_category[category] -= nbytes
+        self.total -= nbytes

@@ -1,0 +1,298 @@
+"""The whole training step on the symbolic allocator: load, forward, backward, optimizer step.
+
+Two optimizer steps are simulated, as the tracer and profiler run them: the first creates the
+optimizer state lazily inside `step()`; the second starts with it allocated (steady state).
+With gradient accumulation, the second micro-batch runs with the first one's gradients alive;
+later micro-batches repeat that state, so two are enough. The peak is the maximum over all.
+Gradient checkpointing (non-reentrant, transformers' default) keeps each layer's input and
+recomputes the layer inside its backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..arch import Linear, ModelArch
+from ..dtypes import FP32, INT64, DType
+from ..training import Training
+from ..tuned import TunedModel
+from .autograd import Node, Param, Tape
+from .ops import Ctx, cast, linear
+from .optimizers import tensor_cost
+from .program import (BlockParams, LinearParams, ModelParams, _norm, block_forward, loss_forward)
+from .sim import Allocator, Peak, Tensor, rounded
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    peak: Peak
+    phase_peaks: dict[str, int]
+    weights_bytes: int  # all parameters as stored (frozen + trainable)
+    quant_constant_bytes: int
+    trainable_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    paged_optimizer_bytes: int  # outside max_memory_allocated (CUDA unified memory)
+
+
+def _quant_constant_bytes(numel: int, tuned_quant) -> int:  # type: ignore[no-untyped-def]
+    """bitsandbytes QuantState tensors for one weight (see tuned.Quant)."""
+    if tuned_quant.kind == "int8":
+        return 0  # the per-row SCB is added by the caller (needs out_features)
+    blocks = -(-numel // tuned_quant.blocksize)
+    code = rounded(16 * 4)  # the 16-entry fp32 NF4/FP4 code table of the QuantState
+    if not tuned_quant.double_quant:
+        return rounded(blocks * 4) + code
+    dq_blocks = -(-blocks // tuned_quant.dq_blocksize)
+    # uint8 absmax + fp32 absmax of the absmax + the 256-entry fp32 dynamic code + the fp32 offset
+    return rounded(blocks) + rounded(dq_blocks * 4) + rounded(256 * 4) + rounded(4) + code
+
+
+def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param], int]:
+    """Allocate every parameter (and quantization constants); returns params, trainables, quant bytes."""
+    arch = model.arch
+    trainables: list[Param] = []
+    quant_bytes = 0
+
+    def param(numel: int, dtype: DType, trainable: bool) -> Param:
+        p = Param(numel, dtype, trainable)
+        p.tensor = alloc.new(numel, dtype, "trainable_params" if trainable else "frozen_params", trainable)
+        if trainable:
+            trainables.append(p)
+        return p
+
+    name, rows, cols = arch.embeddings[0]
+    embedding = param(rows * cols, model.embedding_dtype, model.embedding_trainable)
+    others = [param(r * c, model.embedding_dtype, model.embedding_trainable) for _, r, c in arch.embeddings[1:]]
+    blocks: list[BlockParams] = []
+    for tb in model.blocks:
+        lps: list[LinearParams] = []
+        for t in tb.linears:
+            lin = t.linear
+            w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable)
+            if t.quant is not None:
+                qb = _quant_constant_bytes(lin.weight_numel, t.quant)
+                if t.quant.kind == "int8":
+                    qb = rounded(lin.out_features * 4)  # Int8Params SCB: one fp32 scale per row
+                alloc.add_bytes(qb, "quant_constants")
+                quant_bytes += qb
+            b = param(lin.out_features, t.bias_dtype, t.bias_trainable) if lin.bias else None
+            lp = LinearParams(t, w, b)
+            if t.lora_rank:
+                assert t.lora_dtype is not None
+                lp.lora_a = param(t.lora_rank * lin.in_features, t.lora_dtype, True)
+                lp.lora_b = param(lin.out_features * t.lora_rank, t.lora_dtype, True)
+                if t.dora:
+                    lp.magnitude = param(lin.out_features, t.lora_dtype, True)
+            if t.ia3:
+                lp.ia3 = param(t.ia3_numel, t.ia3_dtype or FP32, True)
+            lps.append(lp)
+        norms = []
+        for n in tb.block.norms:
+            norms.append(param(n.dim, tb.norm_dtype, tb.norms_trainable))
+            if n.bias:
+                param(n.dim, tb.norm_dtype, tb.norms_trainable or tb.norm_bias_trainable)
+        for _, numel in tb.block.extra_params:
+            param(numel, tb.norm_dtype, tb.norms_trainable)
+        adapters = []
+        for spec in tb.adapters:
+            down = param(spec.dim * spec.size + spec.size, spec.dtype, True)
+            up = param(spec.size * spec.dim + spec.dim, spec.dtype, True)
+            adapters.append((spec, down, up))
+        blocks.append(BlockParams(tb, lps, norms, adapters))
+    final_norms = []
+    for n in arch.final_norms:
+        final_norms.append(param(n.dim, model.final_norm_dtype, model.final_norms_trainable))
+        if n.bias:
+            param(n.dim, model.final_norm_dtype, model.final_norms_trainable or model.head_bias_trainable)
+    head_linears = []
+    for lin in arch.head_linears:
+        head_linears.append(param(lin.weight_numel, model.head_dtype, model.head_trainable))
+        if lin.bias:
+            param(lin.out_features, model.head_dtype, model.head_trainable or model.head_bias_trainable)
+    for _, numel in arch.head_extra:
+        param(numel, model.head_dtype, model.head_trainable or model.head_bias_trainable)
+    head = None
+    if not arch.tie_word_embeddings:
+        head = param(arch.vocab_size * arch.head_in_features, model.head_dtype, model.head_trainable)
+    extra = [param(e.numel, e.dtype, e.trainable) for e in model.extra_params]
+    return ModelParams(embedding, others, blocks, final_norms, head, head_linears, extra), trainables, quant_bytes
+
+
+def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, training: Training,
+                      grad_ckpt: bool, label: str) -> None:
+    arch = model.arch
+    B = training.micro_batch
+    T = training.seq_len + model.virtual_tokens
+    tokens = B * T
+    autocast = training.compute_dtype if training.mixed else None
+    tape = Tape(alloc)
+    for p in _all_params(params):
+        tape.param_tensor(p)
+    ctx = Ctx(tape, tokens, autocast)
+    alloc.set_phase(f"forward:{label}")
+    ids = alloc.new(B * training.seq_len, INT64, "inputs")
+    labels = alloc.new(B * training.seq_len, INT64, "inputs")
+    emb = params.embedding
+    emb_rg = emb.trainable or model.input_requires_grad or model.virtual_tokens > 0
+    h = tape.new(tokens * arch.head_in_features, emb.dtype, emb_rg, "embedding")
+    tape.record("embedding", [tape.param_tensor(emb)], [h], [ids if emb.trainable else None])
+    if arch.head_in_features != arch.hidden_size and params.head_linears:
+        proj = linear(ctx, h, params.head_linears[-1], None, arch.hidden_size)  # OPT project_in
+        tape.drop(h)
+        h = proj
+    for p in params.other_embeddings:
+        h2 = tape.new(h.numel, h.dtype, h.requires_grad or p.trainable, "add_pos")
+        tape.record("add", [h, tape.param_tensor(p)], [h2], [])
+        tape.drop(h)
+        h = h2
+    cos = None
+    if arch.family in ("llama", "gemma2", "phi3"):
+        # LlamaRotaryEmbedding: cos and sin (B x T x hd) in the hidden dtype, shared by all layers
+        cos = alloc.new(B * T * arch.head_dim, h.dtype, "saved_activations")
+        sin = alloc.new(B * T * arch.head_dim, h.dtype, "saved_activations")
+    encoder_out = None
+    n_enc = sum(1 for b in params.blocks if b.tuned.block.stack == "encoder")
+    for i, bp in enumerate(params.blocks):
+        if arch.family == "t5" and i == n_enc:
+            encoder_out = h
+            h = tape.new(tokens * arch.hidden_size, emb.dtype, emb_rg, "decoder_embedding")
+            tape.record("embedding", [tape.param_tensor(emb)], [h], [])
+        kv = T + bp.tuned.prefix_tokens
+        if grad_ckpt:
+            recompute = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out)
+            h_next = tape.new(h.numel, h.dtype, True, "ckpt_out")
+            tape.record("checkpoint", [h], [h_next], [h])
+            tape.nodes.append(Node("recompute", [], [], [], backward_scratch=recompute,
+                                   on_backward=lambda bp=bp: _trainable_grads_in_checkpoint(alloc, bp)))
+            tape.drop(h)
+            h = h_next
+        else:
+            h = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
+    for n in params.final_norms[-1:]:
+        hn = _norm(ctx, arch, h, n)
+        tape.drop(h)
+        h = hn
+    head = params.head if params.head is not None else emb
+    if arch.head_in_features != arch.hidden_size and params.head_linears:
+        proj = linear(ctx, h, params.head_linears[0], None, arch.head_in_features)  # OPT project_out
+        tape.drop(h)
+        h = proj
+    loss = loss_forward(ctx, arch, h, head, arch.vocab_size, B * training.seq_len)
+    tape.drop(h)
+    if encoder_out is not None:
+        tape.drop(encoder_out)
+    ctx.end_forward()
+    alloc.set_phase(f"backward:{label}")
+    tape.backward(loss)
+    tape.drop(loss)
+    alloc.release(ids)
+    alloc.release(labels)
+    if cos is not None:
+        alloc.release(cos)
+        alloc.release(sin)
+
+
+def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
+                        cos: Tensor | None, kv: int, encoder_out: Tensor | None) -> int:
+    """A layer's forward with saving off (non-reentrant checkpoint): returns the bytes it would save.
+
+    The transient peak of the layer's forward counts; nothing it saves is kept. Its backward
+    recomputes those tensors (a transient of the same size) and produces the layer's gradients.
+    """
+    alloc = ctx.tape.alloc
+    sub_tape = Tape(alloc)
+    sub_tape.leaf_params = ctx.tape.leaf_params
+    sub = Ctx(sub_tape, ctx.tokens, ctx.autocast, ctx.cast_cache)
+    before = alloc.total
+    out = block_forward(sub, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
+    saved_bytes = alloc.total - before - out.nbytes
+    sub_tape.drop(out)
+    for node in sub_tape.nodes:
+        for t in node.saved:
+            alloc.release(t)
+    return max(saved_bytes, 0)
+
+
+def _all_params(params: ModelParams) -> list[Param]:
+    out = [params.embedding, *params.other_embeddings, *params.final_norms, *params.head_linears, *params.extra]
+    if params.head is not None:
+        out.append(params.head)
+    for bp in params.blocks:
+        for lp in bp.linears:
+            out += [p for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3) if p is not None]
+        out += bp.norms
+        for _, d, u in bp.adapters:
+            out += [d, u]
+    return out
+
+
+def _trainable_grads_in_checkpoint(alloc: Allocator, bp: BlockParams) -> None:
+    """Checkpointed layers: their trainable params get grads during the recompute-backward."""
+    for lp in bp.linears:
+        for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3):
+            if p is not None and p.trainable and (p.grad is None or not p.grad.alive):
+                p.grad = alloc.new(p.numel, p.dtype, "grads")
+    for p in bp.norms:
+        if p.trainable and (p.grad is None or not p.grad.alive):
+            p.grad = alloc.new(p.numel, p.dtype, "grads")
+    for _, d, u in bp.adapters:
+        for p in (d, u):
+            if p.grad is None or not p.grad.alive:
+                p.grad = alloc.new(p.numel, p.dtype, "grads")
+
+
+def simulate_step(model: TunedModel, training: Training) -> StepMemory:
+    """Run the symbolic step and return its peak (allocated bytes) with the breakdown."""
+    alloc = Allocator()
+    alloc.set_phase("load")
+    params, trainables, quant_bytes = _load(alloc, model)
+    weights = alloc.total - quant_bytes
+    trainable_bytes = alloc.by_category["trainable_params"]
+    grad_ckpt = training.grad_ckpt or model.forces_grad_ckpt
+    micro_steps = min(training.grad_accum, 2)
+    state_bytes = paged = 0
+    step_scratch = 0
+    shapes = _param_shapes(params)
+    costs = [tensor_cost(training.optimizer, training.optimizer_impl, p.numel, p.dtype, shapes.get(id(p)))
+             for p in trainables]
+    state_bytes = sum(c.state_bytes for c in costs)
+    paged = sum(c.paged_bytes for c in costs)
+    if training.optimizer_impl == "foreach":
+        step_scratch = sum(c.scratch_bytes for c in costs)
+    elif training.optimizer_impl == "for-loop":
+        step_scratch = max((c.scratch_bytes for c in costs), default=0) * 2
+    else:
+        step_scratch = 0 if training.optimizer.startswith("adamw") or training.optimizer.startswith("paged") \
+            else max((c.scratch_bytes for c in costs), default=0)
+    states_alive = False
+    grad_bytes = 0
+    for step in (1, 2):
+        for micro in range(micro_steps):
+            label = f"step{step}.mb{micro + 1}"
+            _forward_backward(alloc, model, params, training, grad_ckpt, label)
+        alloc.set_phase(f"optimizer:step{step}")
+        if not states_alive:
+            alloc.add_bytes(state_bytes, "optimizer_state")
+            states_alive = True
+        alloc.spike(step_scratch)
+        grad_bytes = alloc.by_category["grads"]
+        # zero_grad(set_to_none=True): every gradient freed
+        for p in trainables:
+            if p.grad is not None and p.grad.alive:
+                alloc.release(p.grad)
+            p.grad = None
+    return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
+                      state_bytes, paged)
+
+
+def _param_shapes(params: ModelParams) -> dict[int, tuple[int, int]]:
+    shapes: dict[int, tuple[int, int]] = {}
+    for bp in params.blocks:
+        for lp in bp.linears:
+            lin: Linear = lp.tuned.linear
+            shapes[id(lp.weight)] = (lin.out_features, lin.in_features)
+            if lp.lora_a is not None and lp.lora_b is not None:
+                shapes[id(lp.lora_a)] = (lp.tuned.lora_rank, lin.in_features)
+                shapes[id(lp.lora_b)] = (lin.out_features, lp.tuned.lora_rank)
+    return shapes

@@ -1,0 +1,219 @@
+"""`estimate(arch, method, training, gpu) -> Estimate`: the pure core (no I/O beyond bundled data, no torch).
+
+The peak allocated memory comes from the symbolic step (engine/step.py); reserved and device
+totals add GPU-side terms held as data with provenance (data/overheads.json); FLOPs from the
+matmuls (engine/flops.py); time from FLOPs over the GPU's dense peak at an assumed utilization.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from .arch import ModelArch
+from .catalog import GPU
+from .engine.flops import StepFlops, step_flops
+from .engine.step import StepMemory, simulate_step
+from .methods import get_method
+from .training import Training
+from .tuned import TunedModel
+
+
+@lru_cache(maxsize=1)
+def overheads() -> dict[str, Any]:
+    text = (resources.files("peftplan") / "data" / "overheads.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class Params:
+    total: int
+    trainable: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def peft_line(self) -> str:
+        """The line peft's `print_trainable_parameters()` prints."""
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+                f"|| trainable%: {self.trainable_percent:.4f}")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes. peak_allocated ~ torch.cuda.max_memory_allocated; reserved ~ max_memory_reserved;
+    device_total ~ what nvidia-smi shows (reserved + CUDA context)."""
+
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    device_total_bytes: int
+    envelope_low_bytes: int
+    envelope_high_bytes: int
+    peak_phase: str
+    components: dict[str, int]  # category -> bytes alive at the peak
+    phase_peaks: dict[str, int]
+    weights_bytes: int
+    quant_constants_bytes: int
+    gradients_bytes: int
+    optimizer_state_bytes: int
+    paged_optimizer_bytes: int
+    cuda_context_bytes: int
+
+
+@dataclass(frozen=True)
+class Compute:
+    flops_forward: int
+    flops_backward_input: int
+    flops_backward_weight: int
+    flops_recompute: int
+    flops_per_step: int
+    step_time_s: float | None
+    tokens_per_s: float | None
+    utilization: float
+    matmul_dtype: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    method: str
+    gpu: str
+    options: dict[str, Any]
+    training: Training
+    params: Params
+    memory: Memory
+    compute: Compute
+    gpu_memory_bytes: int
+    fits: bool
+    headroom_bytes: int
+    assumptions: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "model": self.model, "method": self.method, "gpu": self.gpu, "options": self.options,
+            "training": asdict(self.training),
+            "params": {**asdict(self.params), "trainable_percent": self.params.trainable_percent},
+            "memory": asdict(self.memory), "compute": asdict(self.compute),
+            "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "headroom_bytes": self.headroom_bytes,
+            "assumptions": list(self.assumptions),
+        }
+        return out
+
+    def to_frame(self):  # type: ignore[no-untyped-def]
+        """Components as a pandas DataFrame (pandas imported only here)."""
+        import pandas as pd
+
+        rows = [{"component": k, "bytes": v} for k, v in self.memory.components.items()]
+        return pd.DataFrame(rows)
+
+
+def count_params(model: TunedModel) -> Params:
+    """Exact parameter counts as peft's `get_nb_trainable_parameters` reports them."""
+    arch = model.arch
+    total = arch.total_params
+    trainable = 0
+    if model.embedding_trainable:
+        trainable += arch.embedding_numel
+    for tb in model.blocks:
+        total += sum(t.lora_numel + t.ia3_numel for t in tb.linears) + sum(a.numel for a in tb.adapters)
+        for t in tb.linears:
+            if t.weight_trainable:
+                trainable += t.linear.weight_numel
+            if t.bias_trainable and t.linear.bias:
+                trainable += t.linear.out_features
+            trainable += t.lora_numel + t.ia3_numel
+        for n in tb.block.norms:
+            if tb.norms_trainable:
+                trainable += n.numel
+            elif tb.norm_bias_trainable and n.bias:
+                trainable += n.dim
+        if tb.norms_trainable:
+            trainable += sum(n for _, n in tb.block.extra_params)
+        trainable += sum(a.numel for a in tb.adapters)
+    for n in arch.final_norms:
+        if model.final_norms_trainable:
+            trainable += n.numel
+        elif model.head_bias_trainable and n.bias:
+            trainable += n.dim
+    for lin in arch.head_linears:
+        if model.head_trainable:
+            trainable += lin.numel
+        elif model.head_bias_trainable and lin.bias:
+            trainable += lin.out_features
+    if model.head_trainable or model.head_bias_trainable:
+        trainable += sum(n for _, n in arch.head_extra)
+    if model.head_trainable and not arch.tie_word_embeddings:
+        trainable += arch.lm_head_numel
+    for e in model.extra_params:
+        total += e.numel
+        if e.trainable:
+            trainable += e.numel
+    return Params(total, trainable)
+
+
+def _reserved(peak: int) -> tuple[int, int]:
+    """(point estimate, high bound) of max_memory_reserved for a given allocated peak."""
+    o = overheads()["reserved_over_allocated"]
+    return int(peak * (1 + o["value"])), int(peak * (1 + o["high"]))
+
+
+def build_tuned(arch: ModelArch, method: str, options: dict[str, Any] | None, training: Training) -> tuple[TunedModel, Any]:
+    spec = get_method(method)
+    opts = spec.make_options(dict(options or {}))
+    return spec.build(arch, opts, training), opts
+
+
+def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
+             options: dict[str, Any] | None = None) -> Estimate:
+    """Peak memory, FLOPs and time of one optimizer step of `method` on `arch` on `gpu`."""
+    from dataclasses import asdict as _asdict
+
+    model, opts = build_tuned(arch, method, options, training)
+    effective = training
+    assumptions = list(model.notes)
+    if model.forces_grad_ckpt and not training.grad_ckpt:
+        effective = training.with_(grad_ckpt=True)
+        assumptions.append("gradient checkpointing on (prepare_model_for_kbit_training enables it)")
+    if training.attention == "flash":
+        assumptions.append("flash attention memory modelled as SDPA's flash kernel (saves q, k, v, out, logsumexp)")
+    mem: StepMemory = simulate_step(model, effective)
+    o = overheads()
+    peak = mem.peak.bytes
+    reserved, reserved_high = _reserved(peak)
+    context = int(o["cuda_context_bytes"]["value"])
+    gpu_only = o["gpu_only_allocated"]
+    env_low = peak
+    env_high = peak + int(gpu_only["high_bytes"]) + int(peak * gpu_only["high_fraction"])
+    if training.optimizer.startswith("paged"):
+        assumptions.append("paged optimizer states live in CUDA unified memory: outside max_memory_allocated")
+    memory = Memory(
+        peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=reserved + context,
+        envelope_low_bytes=env_low, envelope_high_bytes=env_high, peak_phase=mem.peak.phase,
+        components={k: v for k, v in mem.peak.components.items() if v},
+        phase_peaks=mem.phase_peaks, weights_bytes=mem.weights_bytes,
+        quant_constants_bytes=mem.quant_constant_bytes, gradients_bytes=mem.grad_bytes,
+        optimizer_state_bytes=mem.optimizer_state_bytes, paged_optimizer_bytes=mem.paged_optimizer_bytes,
+        cuda_context_bytes=context,
+    )
+    flops: StepFlops = step_flops(model, effective)
+    util = float(o["matmul_utilization"]["value"])
+    dtype = effective.compute_dtype.name
+    peak_flops = gpu.peak_for(dtype)
+    step_time = tokens_per_s = None
+    if peak_flops > 0:
+        step_time = flops.total / (peak_flops * util)
+        tokens_per_s = effective.tokens * effective.grad_accum / step_time
+    compute = Compute(flops.forward, flops.backward_input, flops.backward_weight, flops.recompute,
+                      flops.total, step_time, tokens_per_s, util, dtype)
+    capacity = gpu.memory_bytes
+    total_needed = memory.device_total_bytes
+    assumptions.append(f"step time assumes {util:.0%} of the GPU's dense {dtype} peak (data/overheads.json)")
+    return Estimate(
+        model=arch.name, method=method, gpu=gpu.name, options=_asdict(opts), training=effective,
+        params=count_params(model), memory=memory, compute=compute, gpu_memory_bytes=capacity,
+        fits=total_needed <= capacity, headroom_bytes=capacity - total_needed, assumptions=tuple(assumptions),
+    )

@@ -1,0 +1,99 @@
+"""How the step is run: batch, sequence, precision, optimizer, attention kernel, checkpointing.
+
+Defaults are what a user of HF transformers 5.23 + peft 0.21 gets without setting anything, except
+where HF has no default (sequence length) or where the default depends on the GPU (bf16 vs fp16):
+- micro-batch 8: `TrainingArguments.per_device_train_batch_size` default (training_args.py).
+- optimizer AdamW, fused: `TrainingArguments.optim` defaults to "adamw_torch_fused" on torch >= 2.8.
+- attention "sdpa": transformers picks SDPA when torch provides it (`_check_and_adjust_attn_implementation`).
+- gradient checkpointing off: `TrainingArguments.gradient_checkpointing` default False; QLoRA's
+  `prepare_model_for_kbit_training` turns it on (peft utils/other.py, use_gradient_checkpointing=True).
+- precision "bf16-mixed" (fp16-mixed on GPUs without bf16, e.g. T4/V100): the Trainer's `bf16=True`/`fp16=True`
+  autocast with trainable weights in fp32, which is what peft's examples and the QLoRA recipe run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+from .dtypes import BF16, FP16, FP32, DType
+
+Precision = Literal["fp32", "fp16-mixed", "bf16-mixed", "fp16", "bf16"]
+OptimizerName = Literal[
+    "adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit", "sgd", "sgd-momentum", "adafactor", "lion"
+]
+OptimizerImpl = Literal["fused", "foreach", "for-loop"]
+Attention = Literal["eager", "sdpa", "flash"]
+
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+
+DEFAULT_MICRO_BATCH = 8  # TrainingArguments.per_device_train_batch_size
+DEFAULT_SEQ_LEN = 1024  # TRL SFTConfig.max_length default; HF itself has none
+
+
+class TrainingError(ValueError):
+    """An impossible training setup (one line, for the user)."""
+
+
+@dataclass(frozen=True)
+class Training:
+    """One optimizer step's setup. Sizes are tokens; `micro_batch` sequences of `seq_len` tokens."""
+
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    seq_len: int = DEFAULT_SEQ_LEN
+    grad_accum: int = 1
+    grad_ckpt: bool = False
+    attention: Attention = "sdpa"
+    precision: Precision = "bf16-mixed"
+    optimizer: OptimizerName = "adamw"
+    optimizer_impl: OptimizerImpl = "fused"
+    # The first optimizer step creates the states lazily; steady state (step >= 2) starts with
+    # them allocated and with last step's gradients freed (Trainer zero_grad(set_to_none=True)).
+    steady_state: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch", "seq_len", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise TrainingError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"unknown precision {self.precision!r} (choose from {', '.join(PRECISIONS)})")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise TrainingError(f"unknown optimizer implementation {self.optimizer_impl!r}")
+        if self.attention not in ATTENTIONS:
+            raise TrainingError(f"unknown attention {self.attention!r} (choose from {', '.join(ATTENTIONS)})")
+
+    def with_(self, **changes: object) -> "Training":
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch (B*T)."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def mixed(self) -> bool:
+        """Autocast on: trainable weights stay fp32, matmuls run in half precision."""
+        return self.precision.endswith("-mixed")
+
+    @property
+    def compute_dtype(self) -> DType:
+        """Dtype of matmul outputs and activations."""
+        if self.precision == "fp32":
+            return FP32
+        return BF16 if self.precision.startswith("bf16") else FP16
+
+    @property
+    def half_dtype(self) -> DType:
+        """The 16-bit type of this setup (what a frozen base is loaded in)."""
+        return FP16 if self.precision.startswith("fp16") else BF16
+
+    @property
+    def trainable_dtype(self) -> DType:
+        """Storage dtype of trainable base weights: fp32 master weights unless pure half precision."""
+        return self.compute_dtype if self.precision in ("fp16", "bf16") else FP32
