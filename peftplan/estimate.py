@@ -37,6 +37,10 @@ class Params:
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
+    def legacy_peft_line(self) -> str:
+        """The line peft < 0.7 printed (the seed's format): raw integers and the full float."""
+        return f"trainable params: {self.trainable} || all params: {self.total} || trainable%: {100 * self.trainable / self.total}"
+
     def peft_line(self) -> str:
         """The line peft's `print_trainable_parameters()` prints."""
         return (f"trainable params: {self.trainable:,} || all params: {self.total:,} "

@@ -1,0 +1,224 @@
+"""The `peftplan` command: a thin typer + rich shell over the pure core.
+
+Every command catches the core's user errors (ValueError subclasses: unknown names, bad sizes,
+options that do not apply) and prints one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+
+from .methods import method_names
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Will this fine-tuning run fit on my GPU, how long will it take, which method should I use?")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"peftplan: error: {message}\n")
+    raise typer.Exit(code=2)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except (ValueError, KeyError, OSError) as exc:  # the core's user errors are ValueError subclasses
+        _fail(str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+
+
+METHOD_HELP = "fine-tuning method: " + ", ".join(method_names())
+
+
+def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: int, grad_ckpt: bool | None,
+              attn: str, precision: str | None, optimizer: str, optimizer_impl: str):  # type: ignore[no-untyped-def]
+    from .training import DEFAULT_MICRO_BATCH, DEFAULT_SEQ_LEN, Training, TrainingError
+
+    if precision is None:
+        precision = "bf16-mixed" if gpu_bf16 else "fp16-mixed"
+    elif precision.startswith("bf16") and not gpu_bf16:
+        raise TrainingError(f"this GPU has no bf16 support: use --precision fp16-mixed (or fp16, fp32)")
+    return Training(
+        micro_batch=DEFAULT_MICRO_BATCH if batch is None else batch,
+        seq_len=DEFAULT_SEQ_LEN if seq is None else seq,
+        grad_accum=grad_accum, grad_ckpt=bool(grad_ckpt), attention=attn,  # type: ignore[arg-type]
+        precision=precision, optimizer=optimizer, optimizer_impl=optimizer_impl,  # type: ignore[arg-type]
+    )
+
+
+def _method_options(**given: Any) -> dict[str, Any]:
+    """Only the options the user actually set (None = not given), so inapplicable ones can be refused."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@app.command()
+def estimate(
+    model: str = typer.Option(..., "--model", "-m", help="catalog name (see `peftplan models`), HF hub id alias, or path to a config.json"),
+    method: str = typer.Option("lora", "--method", help=METHOD_HELP),
+    gpu: str = typer.Option("a100-80g", "--gpu", "-g", help="GPU from `peftplan gpus`"),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="capacity of a GPU not in the catalog, e.g. 12GiB or 16GB"),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r (peft default 8)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (peft default 8)"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="lora_dropout (peft default 0.0)"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="modules as the model names them (q_proj,v_proj; q,v for T5) or qv / attn / all-linear; default: peft's per-model list"),
+    batch: Optional[int] = typer.Option(None, "--batch", "-b", help="micro-batch per GPU (HF TrainingArguments default 8)"),
+    seq: Optional[int] = typer.Option(None, "--seq", "-s", help="sequence length in tokens (default 1024, TRL SFTConfig.max_length)"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps (HF default 1)"),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing (HF default off; QLoRA's kbit prep turns it on)"),
+    attn: str = typer.Option("sdpa", "--attn", help="eager, sdpa (transformers default) or flash"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16-mixed, bf16-mixed (default; fp16-mixed on GPUs without bf16), fp16, bf16 (pure half)"),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor, lion"),
+    optimizer_impl: str = typer.Option("fused", "--optimizer-impl", help="fused (HF default adamw_torch_fused), foreach, for-loop"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="qlora base: nf4 (default), fp4, int8"),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="qlora: quantize the absmax constants (default on)"),
+    kbit_prep: Optional[bool] = typer.Option(None, "--kbit-prep/--no-kbit-prep", help="qlora: peft.prepare_model_for_kbit_training (default on)"),
+    lisa_layers: Optional[int] = typer.Option(None, "--lisa-layers", help="lisa: number of sampled trainable layers gamma (default 2)"),
+    adapter_size: Optional[int] = typer.Option(None, "--adapter-size", help="adapter: bottleneck width (default 64)"),
+    adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="adapter: houlsby (default), pfeiffer, parallel"),
+    virtual_tokens: Optional[int] = typer.Option(None, "--virtual-tokens", help="prompt/prefix/ptuning: number of virtual tokens (default 20)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),
+    trace: bool = typer.Option(False, "--trace", help="also run the CPU tracer (needs the harness extra) and show its peak"),
+) -> None:
+    """Estimate peak GPU memory, FLOPs and step time of one fine-tuning step."""
+
+    def run() -> None:
+        from .catalog import custom_gpu, load_gpu, load_model
+        from .estimate import estimate as core_estimate
+        from .methods import get_method
+        from .units import parse_bytes
+
+        spec = get_method(method)
+        arch = load_model(model)
+        g = load_gpu(gpu)
+        if gpu_memory is not None:
+            g = custom_gpu(parse_bytes(gpu_memory), g)
+        training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer, optimizer_impl)
+        options = _method_options(rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
+                                  double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
+                                  adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens)
+        spec.make_options(options)  # refuse inapplicable options before any work
+        est = core_estimate(arch, method, training, g, options)
+        traced = None
+        if trace:
+            from .harness.trace import trace as run_trace  # torch only here
+
+            traced = run_trace(arch, method, spec.make_options(options), est.training)
+        if as_json:
+            out = est.to_dict()
+            if traced is not None:
+                out["trace"] = traced.to_dict()
+            print(json.dumps(out, indent=2, default=str))
+            return
+        from .display import print_estimate
+
+        print_estimate(est, explain=explain, traced=traced)
+
+    _guard(run)
+
+
+@app.command()
+def models() -> None:
+    """List the bundled model catalog."""
+
+    def run() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .catalog import load_model, model_index
+        from .units import fmt_count
+
+        table = Table(title="bundled models (config.json from the HF hub)")
+        for col in ("name", "hub id", "model_type", "params", "layers", "hidden", "heads/kv", "vocab"):
+            table.add_column(col)
+        for name, entry in sorted(model_index().items()):
+            a = load_model(name)
+            table.add_row(name, entry.hub_id, a.model_type, fmt_count(a.total_params), str(a.num_layers),
+                          str(a.hidden_size), f"{a.num_heads}/{a.num_kv_heads}", str(a.vocab_size))
+        Console().print(table)
+
+    _guard(run)
+
+
+@app.command()
+def gpus() -> None:
+    """List the GPU catalog."""
+
+    def run() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .catalog import gpu_catalog
+        from .units import fmt_gib
+
+        table = Table(title="GPUs (dense peak throughput; sources in peftplan/catalog/gpus.json)")
+        for col in ("name", "GPU", "memory", "bf16", "bf16/fp16 TFLOPS", "fp32 TFLOPS", "bandwidth GB/s"):
+            table.add_column(col)
+        for g in gpu_catalog().values():
+            half = g.peak_flops.get("bf16") or g.peak_flops.get("fp16")
+            table.add_row(g.name, g.full_name, fmt_gib(g.memory_bytes), "yes" if g.bf16_supported else "no",
+                          f"{half / 1e12:.0f}" if half else "n/a",
+                          f"{g.peak_flops['fp32'] / 1e12:.1f}" if g.peak_flops.get("fp32") else "n/a",
+                          f"{g.memory_bandwidth_bytes_per_s / 1e9:.0f}")
+        Console().print(table)
+
+    _guard(run)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered fine-tuning methods and their options."""
+
+    def run() -> None:
+        import dataclasses
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from .methods import registry
+
+        table = Table(title="methods")
+        for col in ("name", "what", "options", "peft", "source"):
+            table.add_column(col)
+        for spec in registry().values():
+            opts = ", ".join(f"--{f.name.replace('_', '-')}={f.default}" for f in dataclasses.fields(spec.options_cls))
+            table.add_row(spec.name, spec.summary, opts or "-", spec.peft_type or "-", spec.source)
+        Console().print(table)
+
+    _guard(run)
+
+
+@app.command()
+def claims(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """The lecture notes' arithmetic reproduced, beside what a real run allocates."""
+
+    def run() -> None:
+        from .claims import all_claims
+
+        items = all_claims()
+        if as_json:
+            print(json.dumps([c.__dict__ for c in items], indent=2))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="seed claims: their arithmetic, and what a real HF + peft step allocates", show_lines=True)
+        for col in ("claim", "the seed says", "its arithmetic", "engine (real run)", "why they differ"):
+            table.add_column(col, overflow="fold")
+        for c in items:
+            table.add_row(f"{c.key}\n[dim]{c.seed}[/dim]", f"{c.statement}: [bold]{c.quoted}[/bold]",
+                          f"{c.reproduced:,.4g} {c.unit}", c.engine, c.why)
+        Console(width=200).print(table)
+
+    _guard(run)
+
+
+def main() -> None:  # pragma: no cover
+    app()
