@@ -222,3 +222,7 @@ def claims(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> 
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+if __name__ == "__main__":  # python -m peftplan.cli
+    app()
