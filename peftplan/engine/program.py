@@ -322,6 +322,16 @@ def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: 
             qr, kr = _rope(ctx, q, cos), _rope(ctx, k, cos)
             tape.drop(q, k)
             q, k = qr, kr
+        if bp.tuned.prefix_tokens and not prefix:
+            # prefix tuning: DynamicCache.update concatenates the trainable prefix keys/values in
+            # front of k and v (torch.cat: new tensors that require grad)
+            n_prefix = training.micro_batch * bp.tuned.prefix_tokens * arch.num_kv_heads * arch.head_dim
+            kp = tape.new(k.numel + n_prefix, k.dtype, True, "prefix_cat_k")
+            vp = tape.new(v.numel + n_prefix, v.dtype, True, "prefix_cat_v")
+            tape.record("cat", [k], [kp], [])
+            tape.record("cat", [v], [vp], [])
+            tape.drop(k, v)
+            k, v = kp, vp
         a = _attention(ctx, arch, training, q, k, v, kv_tokens if not prefix else ctx.tokens, causal)
         tape.drop(q, k, v)
         o = tuned_linear(ctx, a, lps[f"{prefix}o"])
