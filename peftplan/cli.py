@@ -119,7 +119,12 @@ def estimate(
             return
         from .display import print_estimate
 
-        print_estimate(est, explain=explain, traced=traced)
+        advice = None
+        if not est.fits:
+            from .advice import what_to_change
+
+            advice = what_to_change(arch, est, g, options)
+        print_estimate(est, explain=explain, traced=traced, advice=advice)
 
     _guard(run)
 

@@ -41,7 +41,7 @@ def suggestions(est: Estimate) -> list[str]:
     return tips
 
 
-def print_estimate(est: Estimate, explain: bool = False, traced: Any = None) -> None:
+def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, advice: Any = None) -> None:
     console = Console()
     t = est.training
     console.print(
@@ -84,8 +84,14 @@ def print_estimate(est: Estimate, explain: bool = False, traced: Any = None) -> 
     else:
         console.print(f"[red]does not fit[/red]: needs {fmt_gib(est.memory.device_total_bytes)}, "
                       f"{fmt_gib(-est.headroom_bytes)} over {est.gpu}'s {fmt_gib(est.gpu_memory_bytes)}")
-        for tip in suggestions(est):
-            console.print(f"  • {tip}")
+        if advice:
+            console.print("what to change (each re-estimated):")
+            for a in advice[:5]:
+                verdict = "[green]fits[/green]" if a.fits else "[red]still over[/red]"
+                console.print(f"  • {a.change}: {fmt_gib(a.device_total_bytes)} → {verdict}")
+        else:
+            for tip in suggestions(est):
+                console.print(f"  • {tip}")
     if explain:
         from .explain import explain_lines
 

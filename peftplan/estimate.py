@@ -181,7 +181,6 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     assumptions = list(model.notes)
     if model.forces_grad_ckpt and not training.grad_ckpt:
         effective = training.with_(grad_ckpt=True)
-        assumptions.append("gradient checkpointing on (prepare_model_for_kbit_training enables it)")
     if training.attention == "flash":
         assumptions.append("flash attention memory modelled as SDPA's flash kernel (saves q, k, v, out, logsumexp)")
     mem: StepMemory = simulate_step(model, effective)
