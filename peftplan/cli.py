@@ -37,20 +37,29 @@ def _guard(fn: Callable[[], Any]) -> Any:
 METHOD_HELP = "fine-tuning method: " + ", ".join(method_names())
 
 
-def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: int, grad_ckpt: bool | None,
-              attn: str, precision: str | None, optimizer: str, optimizer_impl: str):  # type: ignore[no-untyped-def]
-    from .training import DEFAULT_MICRO_BATCH, DEFAULT_SEQ_LEN, Training, TrainingError
+def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: int | None, grad_ckpt: bool | None,
+              attn: str | None, precision: str | None, optimizer: str | None, optimizer_impl: str | None,
+              n_gpus: int | None = None, shard: str | None = None, offload: str | None = None,
+              base: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    """A Training from the command line; flags not given fall back to `base` (a run config), then defaults."""
+    from .training import Training, TrainingError
 
-    if precision is None:
-        precision = "bf16-mixed" if gpu_bf16 else "fp16-mixed"
-    elif precision.startswith("bf16") and not gpu_bf16:
-        raise TrainingError(f"this GPU has no bf16 support: use --precision fp16-mixed (or fp16, fp32)")
-    return Training(
-        micro_batch=DEFAULT_MICRO_BATCH if batch is None else batch,
-        seq_len=DEFAULT_SEQ_LEN if seq is None else seq,
-        grad_accum=grad_accum, grad_ckpt=bool(grad_ckpt), attention=attn,  # type: ignore[arg-type]
-        precision=precision, optimizer=optimizer, optimizer_impl=optimizer_impl,  # type: ignore[arg-type]
-    )
+    given = {"micro_batch": batch, "seq_len": seq, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt,
+             "attention": attn, "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl,
+             "n_gpus": n_gpus, "shard": shard, "offload": offload}
+    fields = dict(base or {})
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if fields.get("precision") is None:
+        fields["precision"] = "bf16-mixed" if gpu_bf16 else "fp16-mixed"
+    elif str(fields["precision"]).startswith("bf16") and not gpu_bf16:
+        raise TrainingError("this GPU has no bf16 support: use --precision fp16-mixed (or fp16, fp32)")
+    if fields.get("n_gpus", 1) > 1 and fields.get("shard", "none") == "none":
+        fields["shard"] = "ddp"  # several GPUs without a sharding choice: plain data parallel
+    known = {f for f in Training.__dataclass_fields__}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TrainingError(f"unknown training field(s): {', '.join(unknown)}")
+    return Training(**fields)
 
 
 def _method_options(**given: Any) -> dict[str, Any]:
@@ -60,8 +69,9 @@ def _method_options(**given: Any) -> dict[str, Any]:
 
 @app.command()
 def estimate(
-    model: str = typer.Option(..., "--model", "-m", help="catalog name (see `peftplan models`), HF hub id alias, or path to a config.json"),
-    method: str = typer.Option("lora", "--method", help=METHOD_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="catalog name (see `peftplan models`), HF hub id (org/name; catalog aliases resolve offline), or path to a config.json"),
+    method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP + " (default lora)"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="read model, method and training from an axolotl YAML, a peft adapter_config.json or a TrainingArguments/SFTConfig JSON; flags given override it"),
     gpu: str = typer.Option("a100-80g", "--gpu", "-g", help="GPU from `peftplan gpus`"),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="capacity of a GPU not in the catalog, e.g. 12GiB or 16GB"),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r (peft default 8)"),
@@ -70,12 +80,15 @@ def estimate(
     targets: Optional[str] = typer.Option(None, "--targets", help="modules as the model names them (q_proj,v_proj; q,v for T5) or qv / attn / all-linear; default: peft's per-model list"),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", help="micro-batch per GPU (HF TrainingArguments default 8)"),
     seq: Optional[int] = typer.Option(None, "--seq", "-s", help="sequence length in tokens (default 1024, TRL SFTConfig.max_length)"),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="gradient accumulation steps (HF default 1)"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="gradient accumulation steps (HF default 1)"),
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing (HF default off; QLoRA's kbit prep turns it on)"),
-    attn: str = typer.Option("sdpa", "--attn", help="eager, sdpa (transformers default) or flash"),
+    attn: Optional[str] = typer.Option(None, "--attn", help="eager, sdpa (transformers default) or flash"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16-mixed, bf16-mixed (default; fp16-mixed on GPUs without bf16), fp16, bf16 (pure half)"),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor, lion"),
-    optimizer_impl: str = typer.Option("fused", "--optimizer-impl", help="fused (HF default adamw_torch_fused), foreach, for-loop"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor, lion"),
+    optimizer_impl: Optional[str] = typer.Option(None, "--optimizer-impl", help="fused (HF default adamw_torch_fused), foreach, for-loop"),
+    n_gpus: Optional[int] = typer.Option(None, "--gpus", help="number of GPUs (data-parallel ranks; default 1)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="with --gpus N: ddp (default), zero1, zero2, zero3, fsdp-full, fsdp-grad-op, fsdp-hybrid"),
+    offload: Optional[str] = typer.Option(None, "--offload", help="with ZeRO/FSDP: none (default), optimizer, optimizer+params"),
     quant: Optional[str] = typer.Option(None, "--quant", help="qlora base: nf4 (default), fp4, int8"),
     double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="qlora: quantize the absmax constants (default on)"),
     kbit_prep: Optional[bool] = typer.Option(None, "--kbit-prep/--no-kbit-prep", help="qlora: peft.prepare_model_for_kbit_training (default on)"),
@@ -95,29 +108,56 @@ def estimate(
         from .methods import get_method
         from .units import parse_bytes
 
-        spec = get_method(method)
-        arch = load_model(model)
+        run_config = None
+        base_training: dict[str, Any] = {}
+        config_options: dict[str, Any] = {}
+        model_name, method_name = model, method
+        if config is not None:
+            from .runconfig import load_run_config
+
+            run_config = load_run_config(config)
+            model_name = model_name or run_config.model
+            if method_name is None and run_config.method is not None:
+                method_name = run_config.method
+                config_options = dict(run_config.options)
+            base_training = dict(run_config.training)
+        if model_name is None:
+            _fail("--model is required (or --config with a base model)")
+        method_name = method_name or "lora"
+        spec = get_method(method_name)
+        arch = load_model(model_name)
         g = load_gpu(gpu)
         if gpu_memory is not None:
             g = custom_gpu(parse_bytes(gpu_memory), g)
-        training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer, optimizer_impl)
-        options = _method_options(rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
-                                  double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
-                                  adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens)
+        training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
+                             optimizer_impl, n_gpus, shard, offload, base=base_training)
+        options = {**config_options, **_method_options(
+            rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
+            double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
+            adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens)}
         spec.make_options(options)  # refuse inapplicable options before any work
-        est = core_estimate(arch, method, training, g, options)
+        est = core_estimate(arch, method_name, training, g, options)
         traced = None
         if trace:
             from .harness.trace import trace as run_trace  # torch only here
 
-            traced = run_trace(arch, method, spec.make_options(options), est.training)
+            traced = run_trace(arch, method_name, spec.make_options(options), est.training)
         if as_json:
             out = est.to_dict()
             if traced is not None:
                 out["trace"] = traced.to_dict()
+            if run_config is not None:
+                out["run_config"] = {"path": config, "format": run_config.source_format,
+                                     "read": list(run_config.read), "ignored": list(run_config.ignored),
+                                     "notes": list(run_config.notes)}
             print(json.dumps(out, indent=2, default=str))
             return
         from .display import print_estimate
+
+        if run_config is not None:
+            from rich.console import Console
+
+            Console(highlight=False).print("\n".join(run_config.describe()), markup=False)
 
         advice = None
         if not est.fits:
@@ -223,6 +263,11 @@ def claims(as_json: bool = typer.Option(False, "--json", help="print JSON")) -> 
         Console(width=200).print(table)
 
     _guard(run)
+
+
+# Commands that live in their own modules register on `app` when imported (each keeps torch, pandas
+# and plotly inside its command functions, so `peftplan estimate` stays fast).
+from . import cli_check, cli_profile, cli_report, cli_trace  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover

@@ -24,11 +24,20 @@ OptimizerName = Literal[
 ]
 OptimizerImpl = Literal["fused", "foreach", "for-loop"]
 Attention = Literal["eager", "sdpa", "flash"]
+# How the step is spread over `n_gpus` data-parallel ranks. "none": one GPU (or plain replicas).
+# ddp: torch DistributedDataParallel; zero1/2/3: DeepSpeed ZeRO stages; fsdp-*: PyTorch FSDP
+# sharding strategies (FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD).
+Shard = Literal["none", "ddp", "zero1", "zero2", "zero3", "fsdp-full", "fsdp-grad-op", "fsdp-hybrid"]
+# What lives in host memory instead of the GPU (DeepSpeed offload_optimizer / offload_param,
+# FSDP CPUOffload(offload_params=True) which offloads both).
+Offload = Literal["none", "optimizer", "optimizer+params"]
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 OPTIMIZER_IMPLS: tuple[str, ...] = get_args(OptimizerImpl)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
+SHARDS: tuple[str, ...] = get_args(Shard)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
 
 DEFAULT_MICRO_BATCH = 8  # TrainingArguments.per_device_train_batch_size
 DEFAULT_SEQ_LEN = 1024  # TRL SFTConfig.max_length default; HF itself has none
@@ -53,6 +62,10 @@ class Training:
     # The first optimizer step creates the states lazily; steady state (step >= 2) starts with
     # them allocated and with last step's gradients freed (Trainer zero_grad(set_to_none=True)).
     steady_state: bool = True
+    n_gpus: int = 1
+    shard: Shard = "none"
+    offload: Offload = "none"
+    gpus_per_node: int = 8  # HYBRID_SHARD shards within a node and replicates across nodes
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "seq_len", "grad_accum"):
@@ -65,6 +78,14 @@ class Training:
             raise TrainingError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
         if self.optimizer_impl not in OPTIMIZER_IMPLS:
             raise TrainingError(f"unknown optimizer implementation {self.optimizer_impl!r}")
+        if isinstance(self.n_gpus, bool) or not isinstance(self.n_gpus, int) or self.n_gpus <= 0:
+            raise TrainingError(f"gpus must be a positive integer, got {self.n_gpus!r}")
+        if self.shard not in SHARDS:
+            raise TrainingError(f"unknown sharding {self.shard!r} (choose from {', '.join(SHARDS)})")
+        if self.offload not in OFFLOADS:
+            raise TrainingError(f"unknown offload {self.offload!r} (choose from {', '.join(OFFLOADS)})")
+        if self.offload != "none" and self.shard in ("none", "ddp"):
+            raise TrainingError("offload needs a sharded setup (--shard zero1/zero2/zero3 or fsdp-*)")
         if self.attention not in ATTENTIONS:
             raise TrainingError(f"unknown attention {self.attention!r} (choose from {', '.join(ATTENTIONS)})")
 

@@ -131,8 +131,14 @@ def load_config(name_or_path: str) -> tuple[str, dict[str, Any]]:
         if not isinstance(cfg, dict):
             raise CatalogError(f"{path}: a config.json must hold a JSON object")
         return path.stem if path.name != "config.json" else path.parent.name or "model", cfg
+    if "/" in name_or_path:
+        from ..hub import fetch_config, looks_like_hub_id
+
+        if looks_like_hub_id(name_or_path):  # org/name not in the catalog: its config.json from the hub or cache
+            cfg = fetch_config(name_or_path)
+            return name_or_path.rsplit("/", 1)[-1], cfg
     raise CatalogError(f"unknown model {name_or_path!r}{did_you_mean(name_or_path, model_index())}; "
-                       "or pass a path to a config.json")
+                       "or pass a path to a config.json or an HF hub id (org/name)")
 
 
 def load_model(name_or_path: str) -> ModelArch:

@@ -1,0 +1,167 @@
+"""The planner: what fits on a GPU, ranked; and its fast path is exactly estimate()."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from peftplan.catalog import custom_gpu, gpu_catalog, load_gpu, load_model
+from peftplan.methods import MethodError
+from peftplan.planner import (DEFAULT_METHODS, OPTIMIZERS, Evaluator, PlanConfig, plan, plan_table,
+                              row_from_estimate, variants_for)
+from peftplan.units import BYTES_PER_GIB
+
+
+def _same(fast, direct) -> None:  # type: ignore[no-untyped-def]
+    assert fast.path == "fast", fast.config.label
+    what = fast.config.label
+    assert fast.peak_allocated_bytes == direct.peak_allocated_bytes, what
+    assert fast.device_total_bytes == direct.device_total_bytes, what
+    assert fast.headroom_bytes == direct.headroom_bytes, what
+    assert fast.fits == direct.fits, what
+    assert fast.flops_per_step == direct.flops_per_step, what
+    assert fast.tokens_per_s == direct.tokens_per_s, what  # the same float arithmetic, bit for bit
+    assert fast.step_time_s == direct.step_time_s, what
+    assert (fast.trainable_params, fast.total_params) == (direct.trainable_params, direct.total_params), what
+    assert fast.config.grad_ckpt == direct.config.grad_ckpt, what
+
+
+@pytest.mark.parametrize("model,seed", [("llama3.2-1b", 1), ("gpt2", 2), ("bert-large", 3), ("gemma2-2b", 4),
+                                        ("opt-350m", 5), ("qwen2.5-0.5b", 6), ("bloomz-560m", 7)])
+def test_fast_path_equals_estimate(model: str, seed: int) -> None:
+    """Random configurations, including sequence lengths and batches where the allocator's 512-byte
+    rounding acts (odd lengths, prompt tuning's virtual tokens): peak bytes equal, not just close."""
+    rng = random.Random(seed)
+    arch = load_model(model)
+    gpus = [load_gpu("a100-80g"), load_gpu("t4"), load_gpu("rtx4090")]
+    ev = Evaluator(arch)
+    variants = [v for m in DEFAULT_METHODS for v in variants_for(m)]
+    compared = 0
+    for _ in range(40):
+        gpu = rng.choice(gpus)
+        cfg = PlanConfig(rng.choice(variants), rng.choice([1, 2, 3, 4, 8, 16]),
+                         rng.choice([64, 77, 256, 333, 512, 1000, 1024, 2048]), rng.choice([False, True]),
+                         rng.choice(["sdpa", "eager"]), rng.choice(OPTIMIZERS),
+                         "bf16-mixed" if gpu.bf16_supported else "fp16-mixed")
+        try:
+            fast = ev.evaluate(cfg, gpu)
+        except MethodError:
+            continue  # e.g. BitFit without biases, prefix tuning with checkpointing
+        _same(fast, row_from_estimate(cfg, ev.estimate(cfg, gpu)))
+        assert ev.fits(cfg, gpu) == fast.fits
+        compared += 1
+    assert compared >= 25
+    assert ev.stats.direct == 0  # everything above went through the fast path
+
+
+def test_fast_path_large_batch_and_long_sequences() -> None:
+    arch = load_model("llama3-8b")
+    gpu = load_gpu("h100")
+    ev = Evaluator(arch)
+    for v, mb, seq, ck, at, opt in [
+        (variants_for("qlora")[1], 37, 4096, True, "sdpa", "paged-adamw-8bit"),
+        (variants_for("lora")[2], 5, 8192, False, "eager", "adamw-8bit"),
+        (variants_for("full")[0], 1, 8192, True, "sdpa", "adamw"),
+        (variants_for("prompt")[0], 3, 1000, True, "sdpa", "adamw"),
+    ]:
+        cfg = PlanConfig(v, mb, seq, ck, at, opt, "bf16-mixed")
+        _same(ev.evaluate(cfg, gpu), row_from_estimate(cfg, ev.estimate(cfg, gpu)))
+
+
+def test_plan_fast_equals_plan_direct() -> None:
+    """The whole plan (grid, ranking, per-method limits) is the same with estimate() for every config."""
+    arch = load_model("gpt2")
+    gpu = load_gpu("t4")
+    kw = dict(methods=["lora", "full"], ranks=(8, 16), micro_batches=(1, 4), attentions=("sdpa",),
+              seq_sweep=(256, 512, 1024))
+    fast = plan(arch, gpu, **kw)
+    direct = plan(arch, gpu, fast=False, **kw)
+    assert fast.stats.direct == 0 and direct.stats.fast == 0
+    key = lambda r: (r.config, r.peak_allocated_bytes, r.device_total_bytes, r.fits, r.tokens_per_s)  # noqa: E731
+    assert [key(r) for r in fast.rows] == [key(r) for r in direct.rows]
+    assert [key(r) for r in fast.closest] == [key(r) for r in direct.closest]
+    for a, b in zip(fast.limits, direct.limits):
+        assert (a.method, a.max_seq_len) == (b.method, b.max_seq_len)
+        # the fast path searches micro-batches beyond the grid; direct stays on the grid
+        if b.max_micro_batch is not None:
+            assert a.max_micro_batch is not None and a.max_micro_batch >= b.max_micro_batch
+
+
+def test_llama3_70b_on_rtx4090_only_qlora_comes_close() -> None:
+    arch = load_model("llama3-70b")
+    gpu = load_gpu("rtx4090")
+    result = plan(arch, gpu, methods=["full", "lora", "qlora"], ranks=(8, 16), attentions=("sdpa",))
+    assert not any(r.config.variant.method == "full" for r in result.rows)
+    ordered = result.rows if result.rows else result.closest
+    n_qlora = sum(1 for r in ordered if r.config.variant.method == "qlora")
+    assert n_qlora > 0
+    assert all(r.config.variant.method == "qlora" for r in ordered[:n_qlora])  # qlora variants first
+    full = [r for r in result.closest if r.config.variant.method == "full"]
+    assert full and all(r.device_total_bytes > 10 * gpu.memory_bytes for r in full)  # nowhere near
+    if not result.rows:
+        assert result.explanation.startswith("Nothing fits on rtx4090")
+        assert result.suggestion and "fits on the" in result.suggestion
+        bigger = result.suggestion.split("fits on the ")[1].split(" ")[0]
+        assert gpu_catalog()[bigger].memory_bytes > gpu.memory_bytes
+    assert any("gradient checkpointing on" in n for n in result.notes)  # kbit prep forces it
+
+
+def test_llama32_1b_on_a100_full_fits_and_winner_is_verified() -> None:
+    arch = load_model("llama3.2-1b")
+    gpu = load_gpu("a100-80g")
+    result = plan(arch, gpu, methods=["full", "lora", "qlora", "bitfit"], tokens=10**9, price_per_hour=2.0)
+    assert any(r.config.variant.method == "full" for r in result.rows)
+    assert any(s[0] == "bitfit" and "no bias" in s[1] for s in result.skipped)
+    best = result.best
+    assert best is not None and result.best_estimate is not None
+    assert result.best_estimate.memory.peak_allocated_bytes == best.peak_allocated_bytes
+    assert result.best_estimate.compute.tokens_per_s == best.tokens_per_s
+    # ranked by tokens/s
+    tps = [r.tokens_per_s for r in result.rows]
+    assert all(a >= b * (1 - 1e-9) for a, b in zip(tps, tps[1:]))
+    # time and cost to train the tokens
+    assert best.train_time_s == pytest.approx(10**9 / best.tokens_per_s)
+    assert best.train_cost_usd == pytest.approx(best.train_time_s / 3600 * 2.0)
+    # the explanation gives the numbers
+    assert "tokens/s" in result.explanation and "headroom" in result.explanation
+    assert "trains" in result.explanation and "runner-up" in result.explanation
+    # per-method limits: the largest micro-batch really is the largest
+    full = next(lim for lim in result.limits if lim.method == "full")
+    assert full.max_micro_batch is not None and full.max_micro_batch_row is not None
+    assert full.max_micro_batch_row.fits
+    ev = Evaluator(arch)
+    above = replace(full.max_micro_batch_row.config, micro_batch=full.max_micro_batch + 1)
+    assert not ev.estimate(above, gpu).fits
+    assert full.max_seq_len is not None and full.max_seq_row is not None and full.max_seq_row.fits
+    # rendering
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(plan_table(result, limit=100))
+    text = console.export_text()
+    assert "lora r8" in text and "full" in text
+
+
+def test_nothing_fits_says_what_would() -> None:
+    arch = load_model("llama3-8b")
+    tiny = custom_gpu(2 * BYTES_PER_GIB, load_gpu("a100-80g"))
+    result = plan(arch, tiny, methods=["lora", "qlora"], ranks=(8,), micro_batches=(1, 2), attentions=("sdpa",),
+                  optimizers=("paged-adamw-8bit",))
+    assert result.rows == [] and result.best is None
+    assert result.explanation.startswith("Nothing fits")
+    assert result.suggestion is not None and "fits on the" in result.suggestion
+    assert result.closest[0].config.variant.method == "qlora"
+    assert all(lim.max_seq_len is None for lim in result.limits)
+
+
+def test_multi_gpu_is_noted_and_errors_are_user_errors() -> None:
+    arch = load_model("gpt2")
+    result = plan(arch, load_gpu("t4"), n_gpus=4, methods=["lora"], ranks=(8,), micro_batches=(1,),
+                  attentions=("sdpa",), seq_sweep=(256,))
+    assert any("not modelled" in n for n in result.notes)
+    with pytest.raises(MethodError):
+        plan(arch, load_gpu("t4"), methods=["lorra"])
+    with pytest.raises(ValueError):
+        plan(arch, load_gpu("t4"), n_gpus=0)
