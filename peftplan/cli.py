@@ -274,5 +274,7 @@ def main() -> None:  # pragma: no cover
     app()
 
 
-if __name__ == "__main__":  # python -m peftplan.cli
-    app()
+if __name__ == "__main__":  # python -m peftplan.cli: run the module-level app that the cli_* modules registered on
+    from peftplan.cli import app as _registered_app
+
+    _registered_app()

@@ -20,6 +20,8 @@ COMPONENT_LABELS = {
     "loss_logits": "logits + loss (fp32)",
     "temporaries": "temporaries / activation grads",
     "inputs": "input ids / labels",
+    "unsharded_params": "unsharded params (FSDP all-gather)",
+    "comm_buffers": "communication buffers",
 }
 
 
@@ -48,10 +50,13 @@ def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, adv
         f"[bold]{est.model}[/bold] · {est.method} · {est.gpu} ({fmt_gib(est.gpu_memory_bytes)}) · "
         f"batch {t.micro_batch} × seq {t.seq_len} × accum {t.grad_accum} · {t.precision} · {t.attention} · "
         f"{t.optimizer} ({t.optimizer_impl}) · grad-ckpt {'on' if t.grad_ckpt else 'off'}"
+        + (f" · {t.shard} on {t.n_gpus} GPUs" + (f", offload {t.offload}" if t.offload != "none" else "")
+           if t.n_gpus > 1 else "")
     )
     console.print(f"params: {est.params.total:,} total, {est.params.trainable:,} trainable "
                   f"({est.params.trainable_percent:.4f}%)")
-    table = Table(title=f"memory at the peak ({est.memory.peak_phase})")
+    per_gpu = f"per GPU (rank 0) of {t.n_gpus}, " if t.n_gpus > 1 else ""
+    table = Table(title=f"memory at the peak ({per_gpu}{est.memory.peak_phase})")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("share", justify="right")
@@ -67,6 +72,8 @@ def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, adv
     if est.memory.paged_optimizer_bytes:
         table.add_row("paged optimizer state (unified memory, not allocated)",
                       f"{est.memory.paged_optimizer_bytes / 2**30:,.2f}", "")
+    if est.parallel.get("host_bytes"):
+        table.add_row("offloaded to host memory (per rank)", f"{est.parallel['host_bytes'] / 2**30:,.2f}", "")
     if traced is not None:
         table.add_row("CPU trace of the real step (peak live bytes)",
                       f"{traced.peak_bytes / 2**30:,.2f}", f"{100 * (peak - traced.peak_bytes) / traced.peak_bytes:+.2f}%")

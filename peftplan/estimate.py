@@ -66,6 +66,8 @@ class Memory:
     optimizer_state_bytes: int
     paged_optimizer_bytes: int
     cuda_context_bytes: int
+    # what widens [envelope_low, envelope_high]: {"name", "bytes", "source"} each (engine/envelope.py)
+    envelope_terms: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class Estimate:
     fits: bool
     headroom_bytes: int
     assumptions: tuple[str, ...] = field(default=())
+    parallel: dict[str, Any] = field(default_factory=dict)  # n_gpus, shard, offload, host_bytes, comm
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -104,6 +107,7 @@ class Estimate:
             "memory": asdict(self.memory), "compute": asdict(self.compute),
             "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "headroom_bytes": self.headroom_bytes,
             "assumptions": list(self.assumptions),
+            "parallel": self.parallel,
         }
         return out
 
@@ -188,9 +192,8 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     peak = mem.peak.bytes
     reserved, reserved_high = _reserved(peak)
     context = int(o["cuda_context_bytes"]["value"])
-    gpu_only = o["gpu_only_allocated"]
-    env_low = peak
-    env_high = peak + int(gpu_only["high_bytes"]) + int(peak * gpu_only["high_fraction"])
+    from .engine.envelope import envelope as _envelope
+    env_low, env_high, env_terms = _envelope(peak, model, effective, gpu.compute_capability, o["envelope"])
     if training.optimizer.startswith("paged"):
         assumptions.append("paged optimizer states live in CUDA unified memory: outside max_memory_allocated")
     memory = Memory(
@@ -200,16 +203,19 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         phase_peaks=mem.phase_peaks, weights_bytes=mem.weights_bytes,
         quant_constants_bytes=mem.quant_constant_bytes, gradients_bytes=mem.grad_bytes,
         optimizer_state_bytes=mem.optimizer_state_bytes, paged_optimizer_bytes=mem.paged_optimizer_bytes,
-        cuda_context_bytes=context,
+        cuda_context_bytes=context, envelope_terms=tuple(t.to_dict() for t in env_terms),
     )
     flops: StepFlops = step_flops(model, effective)
     util = float(o["matmul_utilization"]["value"])
     dtype = effective.compute_dtype.name
     peak_flops = gpu.peak_for(dtype)
     step_time = tokens_per_s = None
+    parallel, comm_s = _parallel(model, effective, gpu, mem, assumptions)
     if peak_flops > 0:
         step_time = flops.total / (peak_flops * util)
-        tokens_per_s = effective.tokens * effective.grad_accum / step_time
+        if comm_s is not None:
+            step_time = max(step_time, comm_s)  # collectives overlap compute (data/interconnect.json)
+        tokens_per_s = effective.n_gpus * effective.tokens * effective.grad_accum / step_time
     compute = Compute(flops.forward, flops.backward_input, flops.backward_weight, flops.recompute,
                       flops.total, step_time, tokens_per_s, util, dtype)
     capacity = gpu.memory_bytes
@@ -219,4 +225,38 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         model=arch.name, method=method, gpu=gpu.name, options=_asdict(opts), training=effective,
         params=count_params(model), memory=memory, compute=compute, gpu_memory_bytes=capacity,
         fits=total_needed <= capacity, headroom_bytes=capacity - total_needed, assumptions=tuple(assumptions),
+        parallel=parallel,
     )
+
+
+def _parallel(model: TunedModel, training: Training, gpu: GPU, mem: StepMemory,
+              assumptions: list[str]) -> tuple[dict[str, Any], float | None]:
+    """The `parallel` block of the estimate and the communication seconds per step (engine/sharding.py)."""
+    from .engine.sharding import communication
+
+    out: dict[str, Any] = {"n_gpus": training.n_gpus, "shard": training.shard, "offload": training.offload,
+                           "host_bytes": mem.host_bytes}
+    if training.n_gpus == 1:
+        return out, None
+    p = count_params(model)
+    volume, secs, link = communication(training, gpu.name, p.total, p.trainable)
+    out.update({"comm_bytes_per_step": volume, "comm_time_s": secs, "link": link})
+    assumptions.append(f"memory is per GPU (rank 0) of {training.n_gpus}; each rank runs micro-batch "
+                       f"{training.micro_batch}; tokens/s counts all ranks; step time = max(compute, "
+                       "communication): collectives assumed to overlap compute")
+    if training.shard.startswith("zero"):
+        assumptions.append("DeepSpeed ZeRO is modelled, not traced (no DeepSpeed launch on a CPU); weights keep "
+                           "the single-GPU dtypes (no separate bf16 module + fp32 master copy); reduce/prefetch "
+                           "buckets at DeepSpeed's defaults (data/interconnect.json)")
+    if training.shard.startswith("fsdp"):
+        assumptions.append("FSDP2 fully_shard per decoder layer + root, MixedPrecisionPolicy(param_dtype=reduce_dtype="
+                           "compute dtype) as accelerate sets it; per-rank peak checked against an FSDP2 trace "
+                           "(harness/fsdp_trace.py)")
+        if any(t.quant is not None for tb in model.blocks for t in tb.linears):
+            assumptions.append("QLoRA under FSDP needs bnb_4bit_quant_storage = the compute dtype so the packed "
+                               "4-bit weights can be flat-sharded; modelled as 0.5 B/param sharded 1/N")
+    if training.offload != "none":
+        assumptions.append("offloaded optimizer state (and parameters) live in host memory: parallel.host_bytes")
+    if secs is None:
+        assumptions.append(f"no interconnect bandwidth on record for {gpu.name}: communication time not included")
+    return out, secs

@@ -56,7 +56,7 @@ from .catalog import GPU, gpu_catalog
 from .engine.sim import ALLOC_BLOCK
 from .estimate import Estimate, Params, count_params, estimate, overheads, _reserved
 from .methods import MethodError, get_method, method_names
-from .training import DEFAULT_SEQ_LEN, Training, TrainingError
+from .training import DEFAULT_SEQ_LEN, SHARDS, Training, TrainingError
 from .units import fmt_count, fmt_gib
 
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -67,6 +67,7 @@ MICRO_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
 GRAD_CKPT: tuple[bool, ...] = (False, True)
 ATTENTIONS: tuple[str, ...] = ("sdpa", "eager")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+SHARD_SEARCH: tuple[str, ...] = ("ddp", "zero2", "zero3")  # searched with n_gpus > 1 once estimate() shards
 SEQ_SWEEP: tuple[int, ...] = tuple(2 ** k for k in range(8, 18))  # 256 .. 131072
 MAX_MICRO_BATCH_SEARCH = 4096  # upper end of the exact largest-micro-batch search
 LORA_LIKE = ("lora", "qlora", "dora")
@@ -126,16 +127,24 @@ class PlanConfig:
     attention: str
     optimizer: str
     precision: str
+    n_gpus: int = 1
+    shard: str = "none"  # training.SHARDS; "ddp" or a ZeRO/FSDP stage when n_gpus > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.n_gpus > 1 or self.shard != "none"
 
     def training(self) -> Training:
         return Training(micro_batch=self.micro_batch, seq_len=self.seq_len, grad_accum=1, grad_ckpt=self.grad_ckpt,
                         attention=self.attention, precision=self.precision,  # type: ignore[arg-type]
-                        optimizer=self.optimizer, optimizer_impl="fused")  # type: ignore[arg-type]
+                        optimizer=self.optimizer, optimizer_impl="fused",  # type: ignore[arg-type]
+                        n_gpus=self.n_gpus, shard=self.shard)  # type: ignore[arg-type]
 
     @property
     def label(self) -> str:
         return (f"{self.variant.label} · batch {self.micro_batch} · seq {self.seq_len} · "
-                f"ckpt {'on' if self.grad_ckpt else 'off'} · {self.attention} · {self.optimizer}")
+                f"ckpt {'on' if self.grad_ckpt else 'off'} · {self.attention} · {self.optimizer}"
+                + (f" · {self.n_gpus} GPUs {self.shard}" if self.sharded else ""))
 
     def flags(self) -> str:
         """The `peftplan estimate` flags that reproduce this configuration."""
@@ -149,6 +158,8 @@ class PlanConfig:
         out += [f"--batch {self.micro_batch}", f"--seq {self.seq_len}",
                 "--grad-ckpt" if self.grad_ckpt else "--no-grad-ckpt", f"--attn {self.attention}",
                 f"--precision {self.precision}", f"--optimizer {self.optimizer}"]
+        if self.sharded:
+            out += [f"--gpus {self.n_gpus}", f"--shard {self.shard}"]
         return " ".join(out)
 
 
@@ -175,6 +186,7 @@ class PlanRow:
             "method": c.variant.method, "variant": c.variant.label, "options": c.variant.opts(),
             "micro_batch": c.micro_batch, "seq_len": c.seq_len, "grad_ckpt": c.grad_ckpt,
             "attention": c.attention, "optimizer": c.optimizer, "precision": c.precision,
+            "n_gpus": c.n_gpus, "shard": c.shard,
             "peak_allocated_bytes": self.peak_allocated_bytes, "device_total_bytes": self.device_total_bytes,
             "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "headroom_bytes": self.headroom_bytes,
             "flops_per_step": self.flops_per_step, "step_time_s": self.step_time_s,
@@ -205,6 +217,7 @@ class PlanStats:
     direct: int = 0
     fit_checks: int = 0  # exact fits / does-not-fit verdicts (the searches for the largest seq and batch)
     structures_recorded: int = 0
+    structures_loaded: int = 0  # from the disk cache
     seconds: float = 0.0
 
     @property
@@ -581,6 +594,15 @@ class _Structure:
             self.exact = False
             self.reason = str(exc)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What evaluation needs: the candidates, polynomials, params and errors; not the model
+        objects, the architecture (set again on load) or the per-point memo tables."""
+        state = dict(self.__dict__)
+        state["models"] = {r: None for r in self.models}  # only membership is used after recording
+        state["arch"] = None
+        state["_parts"], state["_peaks"] = {}, {}
+        return state
+
     # -- recording --------------------------------------------------------------------------
     def _build(self, base: Any) -> None:
         from .engine.flops import step_flops
@@ -711,18 +733,112 @@ _STRUCT_CACHE_MAX = 1024
 
 
 def clear_cache() -> None:
-    """Forget recorded structures (the benchmark's cold runs)."""
+    """Forget recorded structures held in this process (the benchmark's cold runs; the disk cache,
+    if any, is left alone: point PEFTPLAN_CACHE_DIR at an empty directory for a truly cold run)."""
     _STRUCT_CACHE.clear()
+
+
+# A recorded structure depends only on the model's architecture, the structure key and the code
+# that simulates the step, so it is kept on disk between processes (a second `peftplan plan` for the
+# model is warm), keyed by a hash of all of peftplan's source and data files: any change to the
+# engine, the methods or the planner makes a new key. PEFTPLAN_CACHE=0 turns it off;
+# PEFTPLAN_CACHE_DIR moves it (default $XDG_CACHE_HOME/peftplan or ~/.cache/peftplan).
+
+def _cache_dir():  # type: ignore[no-untyped-def]
+    import os
+    from pathlib import Path
+
+    if os.environ.get("PEFTPLAN_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    where = os.environ.get("PEFTPLAN_CACHE_DIR")
+    if where:
+        return Path(where)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "peftplan"
+
+
+@lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """sha256 over every .py and .json file of the installed peftplan package (and the Python version)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(f"{sys.version_info[:3]} {sys.byteorder} {_DIGIT} {_NPOLY}".encode())
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".json") and f.is_file() and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _disk_path(arch: ModelArch, key: tuple[Any, ...]):  # type: ignore[no-untyped-def]
+    import hashlib
+
+    where = _cache_dir()
+    if where is None:
+        return None
+    digest = hashlib.sha256(repr((_code_fingerprint(), arch, key)).encode()).hexdigest()
+    return where / "plan" / _code_fingerprint()[:16] / f"{digest}.pickle"
+
+
+def _disk_load(arch: ModelArch, key: tuple[Any, ...]) -> "_Structure | None":
+    import pickle
+
+    try:
+        path = _disk_path(arch, key)
+        if path is None or not path.is_file():
+            return None
+        with open(path, "rb") as fh:
+            stored_key, s = pickle.load(fh)
+        if stored_key != repr((arch, key)) or not isinstance(s, _Structure):
+            return None
+        s.arch = arch
+        return s
+    except Exception:  # a corrupt or foreign file: record again
+        return None
+
+
+def _disk_save(arch: ModelArch, key: tuple[Any, ...], s: "_Structure") -> None:
+    import os
+    import pickle
+    import tempfile
+
+    try:
+        path = _disk_path(arch, key)
+        if path is None:
+            return
+        if not path.parent.is_dir():  # a new code version: drop the structures of the old ones
+            import shutil
+
+            for old in path.parent.parent.glob("*"):
+                if old.is_dir() and old.name != path.parent.name:
+                    shutil.rmtree(old, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump((repr((arch, key)), s), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except Exception:
+        pass  # read-only home, full disk: the cache is an optimisation only
 
 
 class Evaluator:
     """Exact estimates of many configurations of one model; `fast=False` calls estimate() for each."""
 
-    def __init__(self, arch: ModelArch, ranks: Sequence[int] = RANKS, fast: bool = True) -> None:
+    def __init__(self, arch: ModelArch, ranks: Sequence[int] = RANKS, fast: bool = True,
+                 sharded_fast: bool = False) -> None:
         self.arch = arch
         self.ranks = tuple(ranks)
         self.fast = fast
+        # The recorded structures are one GPU's step. A configuration with n_gpus > 1 or a shard
+        # takes the fast path only when the caller established that estimate() gives it the one-GPU
+        # numbers (sharding_modelled() is False); otherwise it is estimated directly.
+        self.sharded_fast = sharded_fast
         self.stats = PlanStats()
+
+    def _use_fast(self, s: "_Structure", config: PlanConfig) -> bool:
+        return self.fast and s.exact and (self.sharded_fast or not config.sharded)
 
     def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str) -> _Structure:
         base = variant.base
@@ -733,9 +849,15 @@ class Evaluator:
             return hit[1]
         if len(_STRUCT_CACHE) >= _STRUCT_CACHE_MAX:
             _STRUCT_CACHE.clear()
-        s = _Structure(self.arch, base, ranks, grad_ckpt, attention, precision)
-        if s.models:
-            self.stats.structures_recorded += 1
+        disk_key = (base, ranks, grad_ckpt, attention, precision)
+        s = _disk_load(self.arch, disk_key)
+        if s is not None:
+            self.stats.structures_loaded += 1
+        else:
+            s = _Structure(self.arch, base, ranks, grad_ckpt, attention, precision)
+            if s.models:
+                self.stats.structures_recorded += 1
+            _disk_save(self.arch, disk_key, s)
         _STRUCT_CACHE[key] = (self.arch, s)
         return s
 
@@ -768,7 +890,7 @@ class Evaluator:
         """Every number estimate() gives for the planner's columns, exactly."""
         s = self._checked(config)
         self.stats.configs_evaluated += 1
-        if self.fast and s.exact:
+        if self._use_fast(s, config):
             try:
                 row = self._fast(s, config, gpu)
                 self.stats.fast += 1
@@ -782,18 +904,21 @@ class Evaluator:
         """estimate(...).fits, computing only the peak (the searches for the largest seq and batch)."""
         s = self._checked(config)
         self.stats.fit_checks += 1
-        if self.fast and s.exact:
+        if self._use_fast(s, config):
             try:
                 peak = s.peak_at(config.micro_batch, config.seq_len, config.variant.rank or 0, config.optimizer)
                 return _device_total(peak) <= gpu.memory_bytes
             except _NotExact:
                 pass
         self.stats.direct += 1
-        return self.estimate(config, gpu).fits
+        try:
+            return self.estimate(config, gpu).fits
+        except MethodError:
+            return False  # cannot run at all
 
     def searchable(self, config: PlanConfig) -> bool:
         """Fit verdicts are cheap for any micro-batch here: search beyond the grid."""
-        return self.fast and self._checked(config).exact and config.optimizer in _FAST_OPTIMIZERS
+        return self._use_fast(self._checked(config), config) and config.optimizer in _FAST_OPTIMIZERS
 
     def _fast(self, s: _Structure, config: PlanConfig, gpu: GPU) -> PlanRow:
         r = config.variant.rank or 0
@@ -816,11 +941,40 @@ class Evaluator:
                        cap - device_total, flops, step_time, tokens_per_s, p.trainable, p.total, path="fast")
 
     def estimate(self, config: PlanConfig, gpu: GPU) -> Estimate:
-        return estimate(self.arch, config.variant.method, config.training(), gpu, config.variant.opts())
+        try:
+            return estimate(self.arch, config.variant.method, config.training(), gpu, config.variant.opts())
+        except TrainingError as exc:  # e.g. a paged optimizer with sharding: this setup cannot run
+            raise MethodError(str(exc).splitlines()[0]) from None
 
     def fits_on(self, config: PlanConfig, gpu: GPU) -> PlanRow:
         """Evaluate `config` on another GPU (its precision follows that GPU)."""
         return self.evaluate(replace(config, precision=precision_for(gpu)), gpu)
+
+
+_SHARD_PROBES: dict[tuple[Any, ...], bool] = {}
+
+
+def sharding_modelled(arch: ModelArch, gpu: GPU, n_gpus: int, shards: Sequence[str] = ("zero3",)) -> bool:
+    """Whether estimate() gives a sharded setup different numbers from one GPU's (probed on `arch`
+    with full fine-tuning, micro-batch 1, 64 tokens, where sharded weights, gradients and AdamW
+    state would show). Until the engine models sharding, estimate() ignores n_gpus/shard."""
+    if n_gpus <= 1:
+        return False
+    precision = precision_for(gpu)
+    key = (id(arch), arch.name, gpu.name, n_gpus, tuple(shards), precision)
+    got = _SHARD_PROBES.get(key)
+    if got is None:
+        one = Training(micro_batch=1, seq_len=64, precision=precision)  # type: ignore[arg-type]
+
+        def sig(t: Training) -> tuple[Any, ...]:
+            e = estimate(arch, "full", t, gpu)
+            return (e.memory.peak_allocated_bytes, e.memory.device_total_bytes, e.compute.flops_per_step,
+                    e.compute.step_time_s, e.params.trainable)
+
+        base = sig(one)
+        got = any(sig(one.with_(n_gpus=n_gpus, shard=s)) != base for s in shards if s != "none")
+        _SHARD_PROBES[key] = got
+    return got
 
 
 @lru_cache(maxsize=None)
@@ -869,11 +1023,13 @@ def _unique_list(items: Iterable[Any]) -> list[Any]:
     return out
 
 
-def _with_cost(row: PlanRow, tokens: int | None, price: float | None) -> PlanRow:
+def _with_cost(row: PlanRow, tokens: int | None, price: float | None, n_gpus: int = 1) -> PlanRow:
+    """Time to train `tokens` and its cost: `tokens_per_s` is one GPU's (estimate()); N data-parallel
+    GPUs are assumed to scale linearly (no communication time) and each is paid for."""
     if tokens is None or not row.tokens_per_s:
         return row
-    secs = tokens / row.tokens_per_s
-    cost = secs / 3600 * price if price is not None else None
+    secs = tokens / (row.tokens_per_s * n_gpus)
+    cost = secs / 3600 * price * n_gpus if price is not None else None
     return replace(row, train_time_s=secs, train_cost_usd=cost)
 
 
@@ -892,8 +1048,16 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
          ranks: Sequence[int] = RANKS, micro_batches: Sequence[int] = MICRO_BATCHES,
          grad_ckpt: Sequence[bool] = GRAD_CKPT, attentions: Sequence[str] = ATTENTIONS,
          optimizers: Sequence[str] = OPTIMIZERS, seq_sweep: Sequence[int] = SEQ_SWEEP,
+         shard: str | None = None, shards: Sequence[str] | None = None,
          fast: bool = True, verify: bool = True) -> PlanResult:
-    """Every searched configuration of `arch` on one `gpu`; those that fit ranked by tokens/s."""
+    """Every searched configuration of `arch` on `n_gpus` x `gpu`; those that fit ranked by tokens/s.
+
+    With `n_gpus` > 1, every configuration carries `n_gpus` and a sharding strategy (`shard`, or
+    each of `shards`; default "ddp", and also ZeRO-2/3 when estimate() models sharding) into
+    estimate(). The fast path records one GPU's step: when estimate() models sharding (probed on
+    this model), sharded configurations are estimated directly (slower, exact); while it does not,
+    they are exactly the one-GPU numbers and the plan says so.
+    """
     started = time.perf_counter()
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
         raise ValueError(f"n-gpus must be a positive integer, got {n_gpus!r}")
@@ -907,14 +1071,46 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         get_method(m)  # unknown names raise MethodError with a suggestion
     precision = precision_for(gpu)
     price = price_per_hour if price_per_hour is not None else gpu.price_per_hour_usd
-    ev = Evaluator(arch, ranks=ranks, fast=fast)
     notes: list[str] = []
     skipped: list[tuple[str, str]] = []
-    if n_gpus > 1:
-        notes.append(f"{n_gpus} GPUs: multi-GPU sharding (DDP/FSDP/DeepSpeed) is not modelled yet; "
-                     "this plan is for one GPU, each of the others would hold the same")
+    for s_ in ([shard] if shard is not None else []) + list(shards or []):
+        if s_ not in SHARDS:
+            from .suggest import did_you_mean
 
-    settings = [(ck, at, opt) for ck in grad_ckpt for at in attentions for opt in optimizers]
+            raise TrainingError(f"unknown sharding {s_!r}{did_you_mean(s_, {k: k for k in SHARDS})} "
+                                f"(choose from {', '.join(SHARDS)})")
+    modelled = False
+    if n_gpus == 1:
+        shard_list: list[str] = ["none"]
+    else:
+        wanted = list(shards) if shards else ([shard] if shard not in (None, "none") else [])
+        modelled = sharding_modelled(arch, gpu, n_gpus, tuple(wanted) or ("zero3",))
+        if not wanted:
+            wanted = list(SHARD_SEARCH) if modelled else ["ddp"]
+        shard_list = _unique_list(wanted)
+        if modelled:
+            notes.append(f"{n_gpus} GPUs ({', '.join(shard_list)}): estimate() models sharding; the fast path records "
+                         "one GPU's step, so these configurations are estimated directly (exact, slower). Time and "
+                         f"cost assume {n_gpus} data-parallel GPUs scaling linearly (no communication time)")
+            # Direct estimates cost tens of ms each: searching the one-GPU defaults would take minutes.
+            # Narrow what the caller left at its default (sdpa never loses to eager here: same FLOPs
+            # or fewer, less memory) and say so.
+            narrowed = []
+            if ranks is RANKS:
+                ranks, narrowed = (16,), narrowed + ["rank 16"]
+            if attentions is ATTENTIONS:
+                attentions, narrowed = ("sdpa",), narrowed + ["sdpa attention"]
+            if optimizers is OPTIMIZERS:
+                optimizers, narrowed = ("adamw", "adamw-8bit"), narrowed + ["adamw / adamw-8bit"]
+            if narrowed:
+                notes.append("multi-GPU search narrowed to " + ", ".join(narrowed) + " (estimate() is called for each)")
+        else:
+            notes.append(f"{n_gpus} GPUs: multi-GPU sharding (DDP/FSDP/DeepSpeed) is not modelled yet by estimate(); "
+                         "this plan is for one GPU, each of the others would hold the same. Time and cost assume "
+                         f"{n_gpus} data-parallel GPUs scaling linearly")
+    ev = Evaluator(arch, ranks=ranks, fast=fast, sharded_fast=not modelled)
+
+    settings = [(ck, at, opt, sh) for sh in shard_list for ck in grad_ckpt for at in attentions for opt in optimizers]
 
     variants = [v for m in chosen for v in variants_for(m, ranks)]
 
@@ -922,9 +1118,9 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
     def grid() -> dict[PlanConfig, PlanRow]:
         rows: dict[PlanConfig, PlanRow] = {}
         for v in variants:
-            for ck, at, opt in settings:
+            for ck, at, opt, sh in settings:
                 for mb in micro_batches:
-                    cfg = PlanConfig(v, mb, seq, ck, at, opt, precision)
+                    cfg = PlanConfig(v, mb, seq, ck, at, opt, precision, n_gpus, sh)
                     why = ev.error(cfg)
                     if why is not None:
                         alone = ck and any(ev.error(replace(cfg, grad_ckpt=c2)) is None for c2 in grad_ckpt)
@@ -934,7 +1130,13 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
                         continue
                     eff = ev.effective(cfg)
                     if eff not in rows:  # QLoRA with checkpointing off runs with it on (kbit prep)
-                        rows[eff] = _with_cost(ev.evaluate(cfg, gpu), tokens, price)
+                        try:
+                            rows[eff] = _with_cost(ev.evaluate(cfg, gpu), tokens, price, n_gpus)
+                        except MethodError as exc:  # estimate() refuses this combination
+                            entry = (f"{v.label} with {opt}" + (f", {sh}" if cfg.sharded else ""),
+                                     str(exc).splitlines()[0])
+                            if entry not in skipped:
+                                skipped.append(entry)
         return rows
 
     # The first row shown is re-estimated with estimate(): should the fast path ever disagree (an
@@ -959,7 +1161,8 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
     if not fitting:
         best_estimate = None
     forced = _unique_list(v.method for v in variants for c in [PlanConfig(v, 1, seq, False, attentions[0],
-                                                                         optimizers[0], precision)]
+                                                                         optimizers[0], precision, n_gpus,
+                                                                         shard_list[0])]
                           if ev.error(c) is None and ev.effective(c).grad_ckpt)
     if forced and False in grad_ckpt:
         notes.append(f"{', '.join(forced)}: prepare_model_for_kbit_training turns gradient checkpointing on, "
@@ -972,8 +1175,10 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
     for m in chosen:
         bases: dict[PlanConfig, PlanConfig] = {}
         for v in (v for v in variants if v.method == m):
-            for ck, at, opt in settings:
-                b = PlanConfig(v, 1, seq, ck, at, opt, precision)
+            for ck, at, opt, sh in settings:
+                if modelled and (ck != max(grad_ckpt) or opt != optimizers[-1]):
+                    continue  # direct estimates: the limits only from the least memory-hungry settings
+                b = PlanConfig(v, 1, seq, ck, at, opt, precision, n_gpus, sh)
                 if ev.error(b) is None:
                     bases.setdefault(ev.effective(b), b)
         if not bases:
@@ -1026,7 +1231,8 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
 
     if tokens is not None and price is None:
         notes.append("no price per hour for this GPU in the catalog: pass price_per_hour for costs")
-    suggestion = None if fitting else _what_would_fit(ev, arch, gpu, closest, limits, seq, chosen, precision)
+    suggestion = None if fitting else _what_would_fit(ev, arch, gpu, closest, limits, seq, chosen, precision,
+                                                      n_gpus, modelled)
     explanation = _explain(fitting, closest, gpu, tokens, price, suggestion)
     stats = ev.stats
     stats.seconds = time.perf_counter() - started
@@ -1037,21 +1243,22 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
 
 
 def _what_would_fit(ev: Evaluator, arch: ModelArch, gpu: GPU, closest: list[PlanRow], limits: list[MethodLimit],
-                    seq: int, chosen: list[str], precision: str) -> str:
+                    seq: int, chosen: list[str], precision: str, n_gpus: int = 1, modelled: bool = False) -> str:
     parts: list[str] = []
     if closest:
         cheapest = closest[0]
+        need = (f"a GPU with at least {fmt_gib(cheapest.device_total_bytes)} for the least memory-hungry "
+                f"configuration ({cheapest.config.label})")
         bigger = sorted((g for g in gpu_catalog().values() if g.memory_bytes > gpu.memory_bytes),
                         key=lambda g: (g.memory_bytes, g.name))
         for g in bigger:
             row = ev.fits_on(cheapest.config, g)
             if row.fits:
-                parts.append(f"the least memory-hungry configuration ({cheapest.config.label}, "
-                             f"{fmt_gib(cheapest.device_total_bytes)}) fits on the {g.name} ({fmt_gib(g.memory_bytes)})")
+                parts.append(f"{need}: it fits on the {g.name} ({fmt_gib(g.memory_bytes)}, "
+                             f"{fmt_gib(row.device_total_bytes)} needed there)")
                 break
         else:
-            parts.append(f"the least memory-hungry configuration ({cheapest.config.label}) needs "
-                         f"{fmt_gib(cheapest.device_total_bytes)}, more than any single GPU in the catalog")
+            parts.append(f"{need}, more than any single GPU in the catalog")
     shorter = [lim for lim in limits if lim.max_seq_len is not None and lim.max_seq_len < seq]
     if shorter:
         top = max(shorter, key=lambda lim: (lim.max_seq_len or 0, lim.max_seq_row.headroom_bytes if lim.max_seq_row else 0))
@@ -1061,12 +1268,30 @@ def _what_would_fit(ev: Evaluator, arch: ModelArch, gpu: GPU, closest: list[Plan
     if "qlora" not in chosen:
         try:
             v = Variant("qlora", (("double_quant", True), ("quant", "nf4"), ("rank", ev.ranks[0])))
-            cfg = PlanConfig(v, 1, seq, True, "sdpa", "paged-adamw-8bit", precision)
+            cfg = PlanConfig(v, 1, seq, True, "sdpa", "paged-adamw-8bit", precision,
+                             n_gpus, closest[0].config.shard if closest else ("ddp" if n_gpus > 1 else "none"))
             row = ev.evaluate(cfg, gpu)
             parts.append(f"QLoRA ({row.config.label}) would need {fmt_gib(row.device_total_bytes)}"
                          + (" and fits" if row.fits else ""))
         except MethodError:
             pass
+    if closest:
+        cheapest = closest[0]
+        if modelled:  # estimate() shards: try more GPUs with ZeRO-3 (directly estimated)
+            for n in (2, 4, 8, 16, 32, 64):
+                if n <= n_gpus:
+                    continue
+                try:
+                    row = ev.evaluate(replace(cheapest.config, n_gpus=n, shard="zero3"), gpu)
+                except (MethodError, TrainingError):
+                    break
+                if row.fits:
+                    parts.append(f"{n} x {gpu.name} with ZeRO-3 fit {cheapest.config.variant.label} "
+                                 f"({fmt_gib(row.device_total_bytes)} per GPU)")
+                    break
+        else:
+            parts.append("more GPUs would shard the weights, gradients and optimizer state (ZeRO-3/FSDP), "
+                         "but estimate() does not model multi-GPU sharding yet")
     return "; ".join(parts) if parts else "nothing in the searched space fits"
 
 
@@ -1126,19 +1351,23 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
     fits = bool(result.rows)
     title = (f"{result.model} on {result.gpu.name} ({fmt_gib(result.gpu.memory_bytes)}), seq {result.seq_len}: "
              + ("configurations that fit, fastest first" if fits else "nothing fits; least memory first"))
-    table = Table(title=title)
+    from rich.text import Text
+
+    table = Table(title=Text(title))  # a model name is a user string: never rich markup
     for col, just in (("#", "right"), ("method", "left"), ("batch", "right"), ("ckpt", "left"), ("attn", "left"),
                       ("optimizer", "left"), ("device memory", "right"), ("headroom", "right"),
                       ("tokens/s", "right"), ("trainable", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
+    if result.n_gpus > 1:
+        table.add_column(f"x{result.n_gpus} GPUs", justify="left")
     if result.tokens is not None:
         table.add_column("time", justify="right")
         table.add_column("cost", justify="right")
     source = result.rows if fits else result.closest
     shown: list[PlanRow] = []
-    seen: set[tuple[str, bool, str]] = set()
+    seen: set[tuple[str, bool, str, str]] = set()
     for r in source:
-        key = (r.config.variant.label, r.config.grad_ckpt, r.config.attention)
+        key = (r.config.variant.label, r.config.grad_ckpt, r.config.attention, r.config.shard)
         if distinct and key in seen:
             continue
         seen.add(key)
@@ -1150,6 +1379,8 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
         cells = [str(i), c.variant.label, str(c.micro_batch), "on" if c.grad_ckpt else "off", c.attention, c.optimizer,
                  fmt_gib(r.device_total_bytes), fmt_gib(r.headroom_bytes) if r.fits else "does not fit",
                  f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "-", fmt_count(r.trainable_params)]
+        if result.n_gpus > 1:
+            cells.append(c.shard)
         if result.tokens is not None:
             cells.append(_fmt_duration(r.train_time_s) if r.train_time_s else "-")
             cells.append(f"${r.train_cost_usd:,.2f}" if r.train_cost_usd is not None else "-")
@@ -1157,28 +1388,35 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
     return table
 
 
-def print_plan(result: PlanResult, limit: int = 15) -> None:
-    """Table, per-method limits, explanation and notes on the terminal."""
+def print_plan(result: PlanResult, limit: int = 15, distinct: bool = True) -> None:
+    """Table, per-method limits, explanation and notes on the terminal (user strings never as markup)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
-    console.print(plan_table(result, limit))
-    lim = Table(title="largest that fits, per method")
+    console = Console(highlight=False)
+    if not console.is_terminal and console.width < 150:
+        console = Console(highlight=False, width=150)  # piped: do not squeeze the columns to 80
+    console.print(plan_table(result, limit, distinct))
+    lim = Table(title="largest that fits, per method (any searched setting)")
     for col in ("method", "seq (batch 1)", "with", "batch (seq %d)" % result.seq_len, "with"):
         lim.add_column(col)
     for m in result.limits:
+        mb = "-"
+        if m.max_micro_batch:
+            mb = str(m.max_micro_batch) + ("+" if m.max_micro_batch >= m.micro_batch_searched_to else "")
         lim.add_row(m.method, (str(m.max_seq_len) + (" (context)" if m.seq_limited_by_context else "")) if m.max_seq_len else "-",
-                    _setting(m.max_seq_row), (str(m.max_micro_batch) if m.max_micro_batch else "-"), _setting(m.max_micro_batch_row))
-    console.print(lim)
-    console.print(result.explanation)
+                    _setting(m.max_seq_row), mb, _setting(m.max_micro_batch_row))
+    if result.limits:
+        console.print(lim)
+    console.print(Text("why: " if result.rows else "") + Text(result.explanation))
     for n in result.notes:
-        console.print(f"[dim]note: {n}[/dim]")
+        console.print(Text(f"note: {n}", style="dim"))
     for what, why in result.skipped:
-        console.print(f"[dim]skipped {what}: {why}[/dim]")
+        console.print(Text(f"skipped {what}: {why}", style="dim"))
     st = result.stats
-    console.print(f"[dim]{st.configs_evaluated} configurations and {st.fit_checks} fit checks in {st.seconds:.2f} s "
-                  f"({st.structures_recorded} symbolic steps recorded, {st.direct} direct estimates)[/dim]")
+    console.print(Text(f"{st.configs_evaluated} configurations and {st.fit_checks} fit checks in {st.seconds:.2f} s "
+                       f"({st.structures_recorded} symbolic steps recorded, {st.direct} direct estimates)", style="dim"))
 
 
 def _setting(row: PlanRow | None) -> str:

@@ -145,9 +145,17 @@ def parse_record(data: Any, path: str = "<record>") -> Record:
         training=training, outcome=outcome, params_total=total, params_trainable=trainable,  # type: ignore[arg-type]
         peak_allocated_bytes=peak, peak_reserved_bytes=reserved, capacity_bytes=capacity,
         step_time_s=float(step_time) if step_time is not None else None, gpu_name=gpu_name,
-        gpu_catalog_name=gpu_catalog, peak_phase=_get(data, "memory.peak_phase", path, str, required=False),
+        gpu_catalog_name=gpu_catalog, peak_phase=_phase_name(_get(data, "memory.peak_phase", path, (str, dict),
+                                                                     required=False)),
         components=components, raw=data,
     )
+
+
+def _phase_name(value: Any) -> str | None:
+    """`memory.peak_phase` as a string: the tracer writes {"phase": ..., "step": ..., "op": ...}."""
+    if isinstance(value, Mapping):
+        return str(value.get("phase")) if value.get("phase") is not None else None
+    return value
 
 
 def load_record(path: str | os.PathLike[str]) -> Record:

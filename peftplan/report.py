@@ -174,19 +174,24 @@ def to_frame(comparison: Comparison):  # type: ignore[no-untyped-def]
 
 
 def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
-    """A rich Table of the comparison for the terminal (rich imported only here)."""
+    """A rich Table of the comparison for the terminal (rich imported only here). The model column
+    appears only when there are several models (the title names a single one)."""
     from rich.table import Table
     from rich.text import Text
 
+    many_models = len({e.model for e in comparison.estimates} | {s.model for s in comparison.skipped}) > 1
     table = Table(title=Text(comparison.title))  # Text: no rich markup from user strings
-    for col, just in (("model", "left"), ("method", "left"), ("gpu", "left"), ("seq", "right"),
-                      ("device memory", "right"), ("of", "right"), ("fits", "center"), ("trainable", "right"),
-                      ("TFLOP/step", "right"), ("step time", "right"), ("tokens/s", "right")):
+    cols = [("model", "left")] if many_models else []
+    cols += [("method", "left"), ("gpu", "left"), ("precision", "left"), ("seq", "right"), ("batch", "right"),
+             ("device memory", "right"), ("of", "right"), ("fits", "center"), ("trainable", "right"),
+             ("TFLOP/step", "right"), ("step time", "right"), ("tokens/s", "right")]
+    for col, just in cols:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for e in comparison.estimates:
         c = e.compute
         table.add_row(
-            Text(e.model), Text(e.method), Text(e.gpu), str(e.training.seq_len),
+            *([Text(e.model)] if many_models else []), Text(e.method), Text(e.gpu), e.training.precision,
+            str(e.training.seq_len), str(e.training.micro_batch),
             fmt_gib(e.memory.device_total_bytes), fmt_gib(e.gpu_memory_bytes),
             Text("yes", style="green") if e.fits else Text("no", style="red"),
             fmt_count(e.params.trainable), f"{c.flops_per_step / 1e12:,.1f}",
@@ -194,8 +199,9 @@ def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
             f"{c.tokens_per_s:,.0f}" if c.tokens_per_s is not None else "-",
         )
     for s in comparison.skipped:
-        table.add_row(Text(s.model), Text(s.method), Text(s.gpu), str(s.seq_len), "-", "-",
-                      Text("skipped", style="yellow"), Text(s.reason), "", "", "", style="dim")
+        table.add_row(*([Text(s.model)] if many_models else []), Text(s.method), Text(s.gpu), "", str(s.seq_len), "",
+                      "-", "-", Text("skipped", style="yellow"), Text(s.reason, overflow="fold"), "", "", "",
+                      style="dim")
     return table
 
 

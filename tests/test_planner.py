@@ -160,8 +160,73 @@ def test_multi_gpu_is_noted_and_errors_are_user_errors() -> None:
     arch = load_model("gpt2")
     result = plan(arch, load_gpu("t4"), n_gpus=4, methods=["lora"], ranks=(8,), micro_batches=(1,),
                   attentions=("sdpa",), seq_sweep=(256,))
-    assert any("not modelled" in n for n in result.notes)
+    from peftplan.planner import sharding_modelled
+
+    expected = "estimated directly" if sharding_modelled(arch, load_gpu("t4"), 4) else "not modelled"
+    assert any(expected in n for n in result.notes)
+    assert result.rows and all(r.config.n_gpus == 4 and r.config.shard != "none" for r in result.rows)
     with pytest.raises(MethodError):
         plan(arch, load_gpu("t4"), methods=["lorra"])
     with pytest.raises(ValueError):
         plan(arch, load_gpu("t4"), n_gpus=0)
+
+
+def test_sharded_configs_fall_back_to_estimate_once_the_engine_shards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """n_gpus and shard reach estimate(); when estimate() models sharding (simulated here), the fast
+    path, which records one GPU's step, is not used for those configurations."""
+    import peftplan.planner as planner
+    from peftplan.training import Training
+
+    seen: list[Training] = []
+    real = planner.estimate
+
+    def spy(arch, method, training, gpu, options=None):  # type: ignore[no-untyped-def]
+        seen.append(training)
+        return real(arch, method, training, gpu, options)
+
+    monkeypatch.setattr(planner, "estimate", spy)
+    monkeypatch.setattr(planner, "sharding_modelled", lambda *a, **k: True)
+    arch = load_model("gpt2")
+    kw = dict(methods=["lora"], ranks=(8,), micro_batches=(1, 2), attentions=("sdpa",), optimizers=("adamw",),
+              seq_sweep=(256, 512))
+    result = plan(arch, load_gpu("t4"), n_gpus=2, seq_len=256, shards=("ddp", "zero3"), **kw)
+    assert result.stats.fast == 0 and result.stats.direct > 0
+    assert {(r.config.n_gpus, r.config.shard) for r in result.rows} == {(2, "ddp"), (2, "zero3")}
+    assert seen and all(t.n_gpus == 2 and t.shard in ("ddp", "zero3") for t in seen)
+    assert any("estimated directly" in n for n in result.notes)
+    # one GPU: the fast path as before, nothing sharded reaches estimate()
+    seen.clear()
+    single = plan(arch, load_gpu("t4"), seq_len=256, **kw)
+    assert single.stats.fast > 0 and all(t.n_gpus == 1 and t.shard == "none" for t in seen)
+
+
+def test_sharding_probe_matches_the_engine() -> None:
+    """While estimate() ignores n_gpus/shard the probe says so (and the plan keeps its note)."""
+    from peftplan.estimate import estimate
+    from peftplan.planner import sharding_modelled
+    from peftplan.training import Training
+
+    arch, gpu = load_model("gpt2"), load_gpu("a100-80g")
+    t = Training(micro_batch=1, seq_len=64)
+    same = (estimate(arch, "full", t, gpu).memory.peak_allocated_bytes
+            == estimate(arch, "full", t.with_(n_gpus=8, shard="zero3"), gpu).memory.peak_allocated_bytes)
+    assert sharding_modelled(arch, gpu, 8) is (not same)
+    assert sharding_modelled(arch, gpu, 1) is False
+
+
+def test_disk_cache_gives_the_same_plan(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from peftplan.planner import clear_cache
+
+    monkeypatch.setenv("PEFTPLAN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("PEFTPLAN_CACHE", raising=False)
+    arch, gpu = load_model("gpt2"), load_gpu("t4")
+    kw = dict(methods=["lora", "full"], ranks=(8,), micro_batches=(1, 4), attentions=("sdpa",), seq_sweep=(256, 512))
+    clear_cache()
+    cold = plan(arch, gpu, **kw)
+    clear_cache()  # a new process: only the disk cache is left
+    warm = plan(arch, gpu, **kw)
+    assert cold.stats.structures_recorded > 0 and warm.stats.structures_recorded == 0
+    assert warm.stats.structures_loaded == cold.stats.structures_recorded
+    assert [r.to_dict() for r in warm.rows] == [r.to_dict() for r in cold.rows]
+    assert [r.to_dict() for r in warm.closest] == [r.to_dict() for r in cold.closest]
+    clear_cache()

@@ -46,6 +46,7 @@ class Tape:
     nodes: list[Node] = field(default_factory=list)
     grads: dict[int, Tensor] = field(default_factory=dict)  # id(tensor) -> its gradient buffer
     leaf_params: dict[int, Param] = field(default_factory=dict)  # id(tensor) -> param
+    _seen: set[int] = field(default_factory=set)  # params whose grad arrived in this backward
 
     # ---- forward helpers --------------------------------------------------------------
     def new(self, numel: int, dtype: DType, requires_grad: bool, label: str = "",
@@ -86,20 +87,36 @@ class Tape:
                 return
             if param.grad is None or not param.grad.alive:
                 param.grad = self.alloc.new(param.numel, param.dtype, "grads", count=param.grad_count)
+                self._seen.add(id(param))
+            elif id(param) in self._seen:
+                # A leaf used twice in one backward (tied embedding + lm_head): both gradients meet in the
+                # AccumulateGrad node's InputBuffer. torch/csrc/autograd/input_buffer.cpp
+                # `can_accumulate_inplace` refuses tensor-subclass-like inputs, so under the tracer's
+                # FakeTensors the sum is out of place (old + incoming + sum alive at once); on plain
+                # CUDA tensors it would add in place (one param-sized tensor less). Matches the trace.
+                incoming = self.alloc.new(param.numel, param.dtype, "temporaries", count=param.grad_count)
+                total = self.alloc.new(param.numel, param.dtype, "grads", count=param.grad_count)
+                self.alloc.release(param.grad)
+                self.alloc.release(incoming)
+                param.grad = total
             else:
                 # AccumulateGrad adds in place into an existing .grad (gradient accumulation)
                 pass
             return
+        # the tracer files vocabulary-wide tensors (logits, their fp32 upcast, log-softmax and their
+        # gradients) under loss_logits; every other gradient is a temporary
+        cat = "loss_logits" if t.category == "loss_logits" else "temporaries"
         existing = self.grads.get(id(t))
         if existing is not None and existing.alive:
             # InputBuffer::accumulate: out-of-place add when both are alive, then the old one is freed
-            new = self.alloc.new(t.numel, t.dtype, "temporaries")
+            new = self.alloc.new(t.numel, t.dtype, cat)
             self.alloc.release(existing)
             self.grads[id(t)] = new
         else:
-            self.grads[id(t)] = self.alloc.new(t.numel, t.dtype, "temporaries")
+            self.grads[id(t)] = self.alloc.new(t.numel, t.dtype, cat)
 
     def backward(self, loss: Tensor) -> None:
+        self._seen = set()
         self.grads[id(loss)] = self.alloc.new(1, loss.dtype, "temporaries")
         for node in reversed(self.nodes):
             if node.on_backward is not None:

@@ -16,6 +16,40 @@ from .sim import Tensor
 
 
 @dataclass
+class FlopCount:
+    """Matmul FLOPs of one micro-batch, counted on the ops as they are recorded (engine/flops.py).
+
+    Backward FLOPs follow autograd: a matmul's input-gradient half runs only when its input requires
+    grad, its weight-gradient half only when the weight does (torch/csrc/autograd/FunctionsManual.cpp
+    `mm_mat1_backward` / `mm_mat2_backward` are called per `needs_input_grad`). `causal_*` hold the
+    attention FLOPs of causal SDPA calls, whose kernels (flash / memory-efficient) skip the masked
+    half; torch.utils.flop_counter counts the full square.
+    """
+
+    forward: int = 0
+    backward_input: int = 0
+    backward_weight: int = 0
+    causal_forward: int = 0
+    causal_backward: int = 0
+    block_forward: int = 0  # forward FLOPs inside the blocks (what checkpointing recomputes)
+
+
+# The counter the ops add to while engine/flops.py runs the symbolic step (None otherwise).
+COUNTER: list[FlopCount | None] = [None]
+
+
+def count_matmul(fwd: int, input_grad: bool, weight_grad: bool) -> None:
+    c = COUNTER[0]
+    if c is None:
+        return
+    c.forward += fwd
+    if input_grad:
+        c.backward_input += fwd
+    if weight_grad:
+        c.backward_weight += fwd
+
+
+@dataclass
 class Ctx:
     tape: Tape
     tokens: int
@@ -64,6 +98,7 @@ def linear(ctx: Ctx, x: Tensor, w: Param, bias: Param | None, out_features: int)
     out_dtype = ctx.autocast or promote(xc.dtype, w.dtype)
     needs = xc.requires_grad or w.trainable or bool(bias and bias.trainable)
     out = ctx.tape.new(rows * out_features, out_dtype, needs, "linear")
+    count_matmul(2 * xc.numel * out_features, xc.requires_grad, w.trainable)
     inputs = [xc, wc]
     if bias is not None:
         inputs.append(ctx.tape.param_tensor(bias))

@@ -17,7 +17,8 @@ from ..dtypes import BOOL, FP32, INT64, DType
 from ..training import Training
 from ..tuned import BottleneckAdapter, TunedBlock, TunedLinear, TunedModel
 from .autograd import Param
-from .ops import Ctx, add, cast, elementwise, linear, mul, scale
+from . import ops
+from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, scale
 from .sim import Tensor
 
 
@@ -94,6 +95,8 @@ def _quantized_base(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
     xc = cast(ctx, x, compute)
     deq = tape.new(lin.weight_numel, compute, False, "dequantized_weight")
     out = tape.new(ctx.tokens * lin.out_features, compute, xc.requires_grad, "linear4bit")
+    # bitsandbytes gemm_4bit forward; MatMul4Bit.backward computes grad_A only (frozen packed weight)
+    count_matmul(2 * xc.numel * lin.out_features, xc.requires_grad, False)
     # MatMul4Bit saves only the packed weight (already counted); its backward dequantizes again.
     tape.record("matmul_4bit", [xc], [out], [], backward_scratch=deq.nbytes)
     tape.drop(deq, xc)
@@ -108,6 +111,8 @@ def _lora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
     t = lp.tuned
     lin = t.linear
     assert lp.lora_a is not None and lp.lora_b is not None and t.lora_dtype is not None
+    if t.quant is not None and ctx.autocast is not None and not t.dora:
+        return _lora_bnb_autocast(ctx, x, base_out, lp)
     xa = cast(ctx, x, t.lora_dtype)
     xd = _dropout(ctx, xa, t.lora_dropout)
     tape.drop(xa)
@@ -130,6 +135,32 @@ def _lora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
     return final
 
 
+def _lora_bnb_autocast(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
+    """peft tuners/lora/bnb.py Linear4bit/Linear8bitLt.forward under autocast.
+
+    `result = result.clone()` ("defensively clone"), then `requires_conversion = not
+    torch.is_autocast_enabled()`: under autocast x is NOT cast to the adapter dtype, so lora_A's
+    autocast matmul reads the half-precision x itself (no copy) and every adapter of the layer's
+    input (q and v) saves that same tensor; the output is added without a dtype conversion.
+    """
+    tape = ctx.tape
+    t = lp.tuned
+    assert lp.lora_a is not None and lp.lora_b is not None
+    result = tape.new(base_out.numel, base_out.dtype, base_out.requires_grad, "clone")
+    tape.record("clone", [base_out], [result], [])
+    tape.drop(base_out)
+    xd = _dropout(ctx, x, t.lora_dropout)
+    a = linear(ctx, xd, lp.lora_a, None, t.lora_rank)
+    tape.drop(xd)
+    b = linear(ctx, a, lp.lora_b, None, t.linear.out_features)
+    tape.drop(a)
+    s = scale(ctx, b)
+    tape.drop(b)
+    out = add(ctx, result, s)
+    tape.drop(result, s)
+    return out
+
+
 def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lora_result: Tensor, lp: LinearParams) -> Tensor:
     """peft DoraLinearLayer.forward: weight norm of W + s*BA (detached) and the magnitude rescale.
 
@@ -138,6 +169,10 @@ def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lora_result: Tensor, lp: Linear
     """
     tape = ctx.tape
     lin = lp.tuned.linear
+    # DoraLinearLayer.get_lora_weight: lora_B(lora_A(eye(in))) — two forward matmuls whose result is
+    # only used detached (no backward)
+    count_matmul(2 * lin.in_features * lin.in_features * lp.tuned.lora_rank
+                 + 2 * lin.in_features * lp.tuned.lora_rank * lin.out_features, False, False)
     wdt = x.dtype if x.dtype.bits >= 16 else FP32
     lora_weight = tape.new(lin.weight_numel, wdt, False, "dora_lora_weight")
     weight = tape.new(lin.weight_numel, wdt, False, "dora_weight")
@@ -206,7 +241,7 @@ def _norm(ctx: Ctx, arch: ModelArch, h: Tensor, w: Param) -> Tensor:
 
 
 def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tensor, v: Tensor,
-               kv_tokens: int, causal: bool) -> Tensor:
+               kv_tokens: int, causal: bool, masked: bool = False) -> Tensor:
     """The attention core on projected q/k/v; returns the output (N x H*hd).
 
     SDPA (flash / memory-efficient kernels) saves q, k, v, the output and a logsumexp
@@ -222,12 +257,19 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
     kc = cast(ctx, k, dt)
     vc = cast(ctx, v, dt)
     rg = qc.requires_grad or kc.requires_grad or vc.requires_grad
+    bmm = 2 * B * H * T * kv_tokens * hd  # one of QK^T / PV (torch.utils.flop_counter bmm_flop)
     if training.attention == "eager":
         groups = H // K
         kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
         vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
         scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
         tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
+        # eager matmuls: each backward half runs only for an operand that requires grad
+        c = ops.COUNTER[0]
+        if c is not None:
+            c.forward += 2 * bmm
+            c.backward_input += bmm * (int(qc.requires_grad) + int(kr.requires_grad)
+                                       + int(qc.requires_grad or kr.requires_grad) + int(vr.requires_grad))
         masked = tape.new(scores.numel, dt, rg, "masked_scores")
         tape.record("add_mask", [scores], [masked], [])
         tape.drop(scores)
@@ -240,11 +282,40 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None])
         tape.drop(probs, kr, vr, qc, kc, vc)
         return out
+    mask = None
+    if masked:
+        # With an attention mask (prefix tuning: past key/values make kv_len != q_len, so transformers
+        # passes a mask instead of is_causal): sdpa_attention.py `use_gqa_in_sdpa` is False when a mask
+        # is given, so GQA keys/values are expanded by `repeat_kv` (new tensors, saved by SDPA in place
+        # of the un-repeated ones); torch's SDPA converts the boolean mask into a float mask of the
+        # query dtype (aten/src/ATen/native/transformers/attention.cpp `convert_boolean_attn_mask`,
+        # a `where` per call), which the memory-efficient kernel saves for backward.
+        groups = H // K
+        if groups > 1:
+            kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv")
+            vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv")
+            tape.record("repeat_kv", [kc], [kr], [])
+            tape.record("repeat_kv", [vc], [vr], [])
+            tape.drop(kc, vc)
+            kc, vc = kr, vr
+        mask = tape.new(B * T * kv_tokens, dt, False, "sdpa_float_mask")
     lse = tape.new(B * H * T, FP32, False, "logsumexp")
     out = tape.new(qc.numel, dt, rg, "sdpa_out")
-    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse],
+    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse, mask],
                 backward_scratch=0)
-    tape.drop(lse, qc, kc, vc)
+    tape.drop(lse, qc, kc, vc, mask)
+    c = ops.COUNTER[0]
+    if c is not None:
+        # torch.utils.flop_counter sdpa_flop_count: QK^T + PV; sdpa_backward_flop_count: the scores
+        # recomputed, grad of scores, grad V, grad Q, grad K (5 bmms); the kernel computes all of them
+        is_causal = causal and not masked
+        c.forward += 2 * bmm
+        if is_causal:
+            c.causal_forward += 2 * bmm
+        if rg:
+            c.backward_input += 5 * bmm
+            if is_causal:
+                c.causal_backward += 5 * bmm
     return out
 
 
@@ -294,6 +365,16 @@ def _with_adapters(ctx: Ctx, placement: str, h: Tensor, bp: BlockParams) -> Tens
 def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
                   cos: Tensor | None, kv_tokens: int, encoder_out: Tensor | None = None) -> Tensor:
     """One decoder/encoder layer. Consumes the caller's reference to `h`; returns the new hidden state."""
+    c = ops.COUNTER[0]
+    before = c.forward if c is not None else 0
+    out = _block_forward(ctx, arch, training, h, bp, cos, kv_tokens, encoder_out)
+    if c is not None:
+        c.block_forward += c.forward - before  # what gradient checkpointing runs again in backward
+    return out
+
+
+def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
+                   cos: Tensor | None, kv_tokens: int, encoder_out: Tensor | None = None) -> Tensor:
     tape = ctx.tape
     lps = {lp.tuned.linear.role: lp for lp in bp.linears}
     norms = iter(bp.norms)
@@ -315,7 +396,8 @@ def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: 
             tape.drop(qkv)
         else:
             q = tuned_linear(ctx, x, lps[f"{prefix}q"])
-            src = kv_src if kv_src is not None else x
+        src = kv_src if kv_src is not None else x
+        if f"{prefix}qkv" not in lps:
             k = tuned_linear(ctx, src, lps[f"{prefix}k"])
             v = tuned_linear(ctx, src, lps[f"{prefix}v"])
         if cos is not None and not prefix:
@@ -332,7 +414,11 @@ def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: 
             tape.record("cat", [v], [vp], [])
             tape.drop(k, v)
             k, v = kp, vp
-        a = _attention(ctx, arch, training, q, k, v, kv_tokens if not prefix else ctx.tokens, causal)
+        # cross-attention attends over the encoder sequence: its length is the encoder output's rows
+        # (T5Attention: key/value states from `key_value_states`), not this stack's kv length
+        enc_tokens = src.numel // (training.micro_batch * arch.hidden_size) if prefix else kv_tokens
+        a = _attention(ctx, arch, training, q, k, v, enc_tokens, causal,
+                       masked=bool(bp.tuned.prefix_tokens) and not prefix)
         tape.drop(q, k, v)
         o = tuned_linear(ctx, a, lps[f"{prefix}o"])
         tape.drop(a)
@@ -436,3 +522,50 @@ def loss_forward(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, vocab: int, 
     tape.record("nll_loss", [lsm], [loss], [target])
     tape.drop(lsm, target)
     return loss
+
+
+def virtual_prompt(ctx: Ctx, model: TunedModel, params: ModelParams, h: Tensor) -> None:
+    """peft prompt learning (PeftModelForCausalLM.forward): `prompts = self.get_prompt(batch_size)`,
+    `prompts.to(inputs_embeds.dtype)`, `torch.cat((prompts, inputs_embeds), dim=1)` into `h`.
+
+    The prompt encoder runs once on the num_virtual_tokens rows (the trace shows (1, vt) prompt
+    tokens, expanded over the batch afterwards). Prompt tuning: an embedding lookup. P-tuning
+    (tuners/p_tuning/model.py, MLP reparameterization): Linear ReLU Linear ReLU Linear, fp32 weights
+    under autocast: each matmul saves the half-precision copy of its input and of its weight (the
+    autocast cast of a trainable leaf, cached for the forward); ReLU saves its output.
+    """
+    tape = ctx.tape
+    vt = model.virtual_tokens
+    d = model.arch.hidden_size
+    by_name = {e.name: p for e, p in zip(model.extra_params, params.extra)}
+    table = by_name.get("prompt_encoder.embedding")
+    if not vt or table is None:
+        return
+    idx = tape.new(vt, INT64, False, "prompt_tokens")
+    x = tape.new(vt * d, table.dtype, True, "prompt_embedding")
+    tape.record("embedding", [tape.param_tensor(table)], [x], [idx])
+    tape.drop(idx)
+    mlp = by_name.get("prompt_encoder.mlp_head")
+    if mlp is not None:
+        w = tape.param_tensor(mlp)
+        dt = ctx.autocast or mlp.dtype
+        for i in range(3):
+            xc = cast(ctx, x, dt)
+            wc = tape.new(d * d, dt, True, "weight_cast") if dt != mlp.dtype else tape.alloc.retain(w)
+            if wc is not w:
+                tape.record("to", [w], [wc], [])
+            out = tape.new(vt * d, dt, True, "prompt_mlp")
+            tape.record("linear", [xc, wc], [out], [xc, wc])
+            count_matmul(2 * vt * d * d, True, True)
+            tape.drop(xc, wc, x)
+            if i < 2:
+                r = tape.new(out.numel, dt, True, "relu")
+                tape.record("relu", [out], [r], [r])
+                tape.drop(out)
+                x = r
+            else:
+                x = out
+    p = cast(ctx, x, h.dtype)
+    tape.drop(x)
+    tape.record("cat", [p], [h], [])
+    tape.drop(p)

@@ -19,8 +19,10 @@ from ..tuned import TunedModel
 from .autograd import Node, Param, Tape
 from .ops import Ctx, cast, linear
 from .optimizers import tensor_cost
-from .program import (BlockParams, LinearParams, ModelParams, _norm, block_forward, loss_forward)
+from .program import (BlockParams, LinearParams, ModelParams, _norm, block_forward, loss_forward,
+                      virtual_prompt)
 from .sim import Allocator, Peak, Tensor, rounded
+from . import sharding
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class StepMemory:
     grad_bytes: int
     optimizer_state_bytes: int
     paged_optimizer_bytes: int  # outside max_memory_allocated (CUDA unified memory)
+    host_bytes: int = 0  # offloaded to host memory (sharding.py), per rank
 
 
 def _quant_constant_bytes(numel: int, tuned_quant) -> int:  # type: ignore[no-untyped-def]
@@ -54,22 +57,23 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
     trainables: list[Param] = []
     quant_bytes = 0
 
-    def param(numel: int, dtype: DType, trainable: bool) -> Param:
+    def param(numel: int, dtype: DType, trainable: bool, rows: int = 0) -> Param:
+        """`rows`: the tensor's dim 0 (FSDP2 shards and pads dim 0; 0 = one-dimensional)."""
         p = Param(numel, dtype, trainable)
-        p.tensor = alloc.new(numel, dtype, "trainable_params" if trainable else "frozen_params", trainable)
+        p.tensor = sharding.load_param(alloc, p, rows)
         if trainable:
             trainables.append(p)
         return p
 
     name, rows, cols = arch.embeddings[0]
-    embedding = param(rows * cols, model.embedding_dtype, model.embedding_trainable)
-    others = [param(r * c, model.embedding_dtype, model.embedding_trainable) for _, r, c in arch.embeddings[1:]]
+    embedding = param(rows * cols, model.embedding_dtype, model.embedding_trainable, rows)
+    others = [param(r * c, model.embedding_dtype, model.embedding_trainable, r) for _, r, c in arch.embeddings[1:]]
     blocks: list[BlockParams] = []
     for tb in model.blocks:
         lps: list[LinearParams] = []
         for t in tb.linears:
             lin = t.linear
-            w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable)
+            w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable, lin.out_features)
             if t.quant is not None:
                 qb = _quant_constant_bytes(lin.weight_numel, t.quant)
                 if t.quant.kind == "int8":
@@ -80,12 +84,12 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             lp = LinearParams(t, w, b)
             if t.lora_rank:
                 assert t.lora_dtype is not None
-                lp.lora_a = param(t.lora_rank * lin.in_features, t.lora_dtype, True)
-                lp.lora_b = param(lin.out_features * t.lora_rank, t.lora_dtype, True)
+                lp.lora_a = param(t.lora_rank * lin.in_features, t.lora_dtype, True, t.lora_rank)
+                lp.lora_b = param(lin.out_features * t.lora_rank, t.lora_dtype, True, lin.out_features)
                 if t.dora:
                     lp.magnitude = param(lin.out_features, t.lora_dtype, True)
             if t.ia3:
-                lp.ia3 = param(t.ia3_numel, t.ia3_dtype or FP32, True)
+                lp.ia3 = param(t.ia3_numel, t.ia3_dtype or FP32, True, 1 if t.ia3 == "in" else 0)  # (1, in) / (out, 1)
             lps.append(lp)
         norms = []
         for n in tb.block.norms:
@@ -96,8 +100,8 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             param(numel, tb.norm_dtype, tb.norms_trainable)
         adapters = []
         for spec in tb.adapters:
-            down = param(spec.dim * spec.size + spec.size, spec.dtype, True)
-            up = param(spec.size * spec.dim + spec.dim, spec.dtype, True)
+            down = param(spec.dim * spec.size + spec.size, spec.dtype, True, spec.size)  # weight + bias
+            up = param(spec.size * spec.dim + spec.dim, spec.dtype, True, spec.dim)
             adapters.append((spec, down, up))
         blocks.append(BlockParams(tb, lps, norms, adapters))
     final_norms = []
@@ -107,14 +111,14 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             param(n.dim, model.final_norm_dtype, model.final_norms_trainable or model.head_bias_trainable)
     head_linears = []
     for lin in arch.head_linears:
-        head_linears.append(param(lin.weight_numel, model.head_dtype, model.head_trainable))
+        head_linears.append(param(lin.weight_numel, model.head_dtype, model.head_trainable, lin.out_features))
         if lin.bias:
             param(lin.out_features, model.head_dtype, model.head_trainable or model.head_bias_trainable)
     for _, numel in arch.head_extra:
         param(numel, model.head_dtype, model.head_trainable or model.head_bias_trainable)
     head = None
     if not arch.tie_word_embeddings:
-        head = param(arch.vocab_size * arch.head_in_features, model.head_dtype, model.head_trainable)
+        head = param(arch.vocab_size * arch.head_in_features, model.head_dtype, model.head_trainable, arch.vocab_size)
     extra = [param(e.numel, e.dtype, e.trainable) for e in model.extra_params]
     return ModelParams(embedding, others, blocks, final_norms, head, head_linears, extra), trainables, quant_bytes
 
@@ -133,10 +137,17 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     alloc.set_phase(f"forward:{label}")
     ids = alloc.new(B * training.seq_len, INT64, "inputs")
     labels = alloc.new(B * training.seq_len, INT64, "inputs")
+    fsdp = sharding.hooks_for(alloc, params)  # None on one GPU
+    if fsdp is not None:
+        fsdp.forward_start(alloc)
     emb = params.embedding
-    emb_rg = emb.trainable or model.input_requires_grad or model.virtual_tokens > 0
+    # transformers 5.23 modeling_utils.py `_activation_checkpointing_enable` calls
+    # `self.enable_input_require_grads()` (main_input_name == "input_ids"): with checkpointing on, the
+    # embedding output always requires grad, so gradients flow (and are allocated) down to layer 0
+    emb_rg = emb.trainable or model.input_requires_grad or model.virtual_tokens > 0 or grad_ckpt
     h = tape.new(tokens * arch.head_in_features, emb.dtype, emb_rg, "embedding")
     tape.record("embedding", [tape.param_tensor(emb)], [h], [ids if emb.trainable else None])
+    virtual_prompt(ctx, model, params, h)  # prompt / P-tuning: the soft prompt cat'd in front (program.py)
     if arch.head_in_features != arch.hidden_size and params.head_linears:
         proj = linear(ctx, h, params.head_linears[-1], None, arch.hidden_size)  # OPT project_in
         tape.drop(h)
@@ -158,6 +169,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
             encoder_out = h
             h = tape.new(tokens * arch.hidden_size, emb.dtype, emb_rg, "decoder_embedding")
             tape.record("embedding", [tape.param_tensor(emb)], [h], [])
+        if fsdp is not None:
+            fsdp.block_start(alloc, tape, i)
         kv = T + bp.tuned.prefix_tokens
         if grad_ckpt:
             recompute = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out)
@@ -169,6 +182,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
             h = h_next
         else:
             h = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
+        if fsdp is not None:
+            fsdp.block_end(alloc, tape, i)
     for n in params.final_norms[-1:]:
         hn = _norm(ctx, arch, h, n)
         tape.drop(h)
@@ -183,8 +198,14 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     if encoder_out is not None:
         tape.drop(encoder_out)
     ctx.end_forward()
+    if fsdp is not None:
+        fsdp.forward_end(alloc)
     alloc.set_phase(f"backward:{label}")
+    if fsdp is not None:
+        fsdp.backward_start(alloc)
     tape.backward(loss)
+    if fsdp is not None:
+        fsdp.backward_end(alloc)
     tape.drop(loss)
     alloc.release(ids)
     alloc.release(labels)
@@ -244,18 +265,21 @@ def _trainable_grads_in_checkpoint(alloc: Allocator, bp: BlockParams) -> None:
 
 def simulate_step(model: TunedModel, training: Training) -> StepMemory:
     """Run the symbolic step and return its peak (allocated bytes) with the breakdown."""
-    alloc = Allocator()
+    plan = sharding.plan_for(training)  # None on one GPU
+    alloc = Allocator() if plan is None else sharding.ShardedAllocator(plan)
     alloc.set_phase("load")
     params, trainables, quant_bytes = _load(alloc, model)
     weights = alloc.total - quant_bytes
     trainable_bytes = alloc.by_category["trainable_params"]
+    if plan is not None:
+        sharding.persistent_buffers(alloc, sum(rounded(p.dtype.bytes_for(p.numel)) for p in trainables))
     grad_ckpt = training.grad_ckpt or model.forces_grad_ckpt
     micro_steps = min(training.grad_accum, 2)
     state_bytes = paged = 0
     step_scratch = 0
     shapes = _param_shapes(params)
     costs = [tensor_cost(training.optimizer, training.optimizer_impl, p.numel, p.dtype, shapes.get(id(p)))
-             for p in trainables]
+             for p in trainables] if plan is None else sharding.optimizer_costs(plan, trainables, shapes)
     state_bytes = sum(c.state_bytes for c in costs)
     paged = sum(c.paged_bytes for c in costs)
     if training.optimizer_impl == "foreach":
@@ -282,8 +306,10 @@ def simulate_step(model: TunedModel, training: Training) -> StepMemory:
             if p.grad is not None and p.grad.alive:
                 alloc.release(p.grad)
             p.grad = None
+        if plan is not None:
+            plan.zero_grad(alloc)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
-                      state_bytes, paged)
+                      state_bytes, paged, plan.host_bytes if plan is not None else 0)
 
 
 def _param_shapes(params: ModelParams) -> dict[int, tuple[int, int]]:

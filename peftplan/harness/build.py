@@ -148,11 +148,14 @@ def hf_config(arch: ModelArch, attn_impl: str):
     from transformers import AutoConfig
 
     cfg = dict(arch.config)
+    if cfg.get("auto_map") or cfg.get("trust_remote_code"):
+        # auto_map names the repo's own modelling code: the harness builds only transformers' native
+        # classes and never runs remote code (no trust_remote_code anywhere in peftplan).
+        raise HarnessError(f"{arch.name}: config.json has auto_map (remote modelling code); peftplan never "
+                           "runs remote code: remove auto_map if the model_type is a native transformers one")
     model_type = cfg.pop("model_type", None) or arch.model_type
-    for key in ("auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+    for key in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
         cfg.pop(key, None)
-    if cfg.get("auto_map"):
-        raise HarnessError(f"{arch.name}: config needs remote code (auto_map); peftplan never runs remote code")
     config = AutoConfig.for_model(model_type, **cfg)
     config._attn_implementation = attn_impl
     if hasattr(config, "use_cache"):
@@ -562,7 +565,10 @@ def _new_tensor(t: torch.Tensor, device: str, fake_mode, init: bool, gen: torch.
         out = torch.empty(t.shape, dtype=t.dtype, device=device)
         if init and out.is_floating_point():
             with torch.no_grad():
-                out.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(t.dtype))
+                if out.device.type == "cpu":
+                    out.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(t.dtype))
+                else:  # on the GPU, from its (seeded) generator: a CPU draw of 8B values takes minutes
+                    out.normal_(0.0, 0.02)
         return out
     data = t.detach()
     if fake_mode is not None:

@@ -1,0 +1,5 @@
+"""`python -m peftplan ...` runs the CLI."""
+
+from peftplan.cli import app
+
+app()

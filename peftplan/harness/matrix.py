@@ -1,0 +1,218 @@
+"""The CPU trace matrix: a representative set of configurations traced under FakeTensorMode.
+
+Every registered method, on two model sizes (a tiny llama-family config, and a real ~1B config from
+the catalog; BitFit needs biases, so it runs on a tiny GPT-2 and Qwen2.5-0.5B), with gradient
+checkpointing on and off (prefix tuning refuses checkpointing) and eager / SDPA attention on the tiny
+model; plus Llama-3-8B for LoRA, QLoRA and full fine-tuning. `peftplan trace --matrix ci --out-dir DIR`
+writes one record per entry (records.write_record); `peftplan check DIR` re-predicts each with the
+engine. A trace costs ~0.3 ms per aten op on this tracer (fake tensors), so time grows with layers and
+steps, not with model size: the CI matrix runs in ~2-3 minutes on 2 cores with 2 worker processes.
+
+Known engine deviations are marked `xfail` with the reason (written into the record as "xfail"):
+`check` lists them as known deviations, never skips them silently, and reports a known deviation that
+no longer deviates (so the mark can be removed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..methods import method_names
+
+TINY_LLAMA = {
+    "model_type": "llama", "vocab_size": 1000, "hidden_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 256, "num_hidden_layers": 2, "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 1000, "n_embd": 128, "n_head": 4, "n_layer": 2, "n_positions": 256}
+TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2}
+NO_CKPT = {"prefix"}  # peft refuses prefix tuning with gradient checkpointing
+NEEDS_BIAS = {"bitfit"}  # llama-family linears have no biases
+
+
+@dataclass(frozen=True)
+class MatrixEntry:
+    """One configuration to trace. `model` is a catalog name or a key of TINY_MODELS."""
+
+    model: str
+    method: str
+    training: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    xfail: str | None = None  # a known engine deviation (reason), reported by `check`
+
+    @property
+    def id(self) -> str:
+        t = self.training
+        parts = [self.model, self.method, f"b{t.get('micro_batch')}s{t.get('seq_len')}",
+                 t.get("attention", "sdpa"), "ckpt" if t.get("grad_ckpt") else "nockpt"]
+        for k, v in sorted(self.options.items()):
+            parts.append(f"{k}-{v}")
+        for k in ("precision", "optimizer", "optimizer_impl"):
+            if k in t:
+                parts.append(str(t[k]))
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts))
+
+    def arch(self):  # type: ignore[no-untyped-def]
+        from ..arch import from_hf_config
+        from ..catalog import load_model
+
+        if self.model in TINY_MODELS:
+            return from_hf_config(TINY_MODELS[self.model], self.model)
+        return load_model(self.model)
+
+
+def _tiny_entries() -> list[MatrixEntry]:
+    out = []
+    for method in method_names():
+        model = "tiny-gpt2" if method in NEEDS_BIAS else "tiny-llama"
+        for ckpt in (False, True):
+            if ckpt and method in NO_CKPT:
+                continue
+            for attn in ("sdpa", "eager"):
+                out.append(MatrixEntry(model, method, {"micro_batch": 2, "seq_len": 64, "grad_ckpt": ckpt,
+                                                       "attention": attn}))
+    # other families and options on the tiny models
+    for method in ("full", "lora", "ia3", "adapter"):
+        out.append(MatrixEntry("tiny-gpt2", method, {"micro_batch": 2, "seq_len": 64}))
+    out.append(MatrixEntry("tiny-llama", "qlora", {"micro_batch": 2, "seq_len": 64}, {"kbit_prep": False}))
+    out.append(MatrixEntry("tiny-llama", "lora", {"micro_batch": 2, "seq_len": 64, "precision": "fp32"}))
+    out.append(MatrixEntry("tiny-llama", "full", {"micro_batch": 2, "seq_len": 64, "optimizer_impl": "foreach"}))
+    return out
+
+
+def _sized_entries() -> list[MatrixEntry]:
+    out = []
+    for method in method_names():
+        model = "qwen2.5-0.5b" if method in NEEDS_BIAS else "llama3.2-1b"
+        for ckpt in (False, True):
+            if ckpt and method in NO_CKPT:
+                continue
+            out.append(MatrixEntry(model, method, {"micro_batch": 1, "seq_len": 256, "grad_ckpt": ckpt}))
+    for method, options in (("lora", {"rank": 16}), ("qlora", {"rank": 16}), ("full", {})):
+        out.append(MatrixEntry("llama3-8b", method, {"micro_batch": 1, "seq_len": 512}, options))
+    return out
+
+
+# Known deviations of the engine from the real step, found by this matrix (engine fixes in progress).
+# Keyed by entry id; the reason names the component that differs.
+XFAIL: dict[str, str] = {
+    'llama3.2-1b_ia3_b1s256_sdpa_ckpt':
+        'engine over-predicts +4.7% with gradient checkpointing: saved_activations above the trace (IA3 + checkpointing: what enable_input_require_grads / the checkpointed layer input keeps) (+134 MB)',
+    'tiny-llama_ia3_b2s64_sdpa_ckpt':
+        'engine over-predicts +9.6% with gradient checkpointing: saved_activations above the trace (IA3 + checkpointing: what enable_input_require_grads / the checkpointed layer input keeps) (+0.27 MB)',
+    'tiny-llama_ia3_b2s64_eager_ckpt':
+        'engine over-predicts +8.9% with gradient checkpointing: saved_activations above the trace (IA3 + checkpointing: what enable_input_require_grads / the checkpointed layer input keeps) (+0.25 MB)',
+    'tiny-llama_full_b2s64_sdpa_ckpt':
+        "engine over-predicts +4.0% with gradient checkpointing on tiny-llama: grads +1.7 MB / saved_activations -0.5 MB at the engine's peak (traced peak is at a different point: nll_loss forward or a recompute mul)",
+    'tiny-llama_full_b2s64_eager_ckpt':
+        "engine over-predicts +4.0% with gradient checkpointing on tiny-llama: grads +1.7 MB / saved_activations -0.5 MB at the engine's peak (traced peak is at a different point: nll_loss forward or a recompute mul)",
+    'tiny-llama_lisa_b2s64_sdpa_ckpt':
+        "engine over-predicts +4.0% with gradient checkpointing on tiny-llama: grads +1.7 MB / saved_activations -0.5 MB at the engine's peak (traced peak is at a different point: nll_loss forward or a recompute mul)",
+    'tiny-llama_lisa_b2s64_eager_ckpt':
+        "engine over-predicts +4.0% with gradient checkpointing on tiny-llama: grads +1.7 MB / saved_activations -0.5 MB at the engine's peak (traced peak is at a different point: nll_loss forward or a recompute mul)",
+    'tiny-llama_prompt_b2s64_eager_ckpt':
+        'engine under-predicts -1.6% with eager attention + checkpointing: saved_activations -52 KB (the virtual-token-lengthened eager attention recompute)',
+    'tiny-llama_ptuning_b2s64_eager_ckpt':
+        'engine under-predicts -1.4% with eager attention + checkpointing: saved_activations -52 KB (the virtual-token-lengthened eager attention recompute)',
+    'tiny-gpt2_adapter_b2s64_sdpa_nockpt':
+        "engine under-predicts -26.8% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_bitfit_b2s64_eager_ckpt':
+        "engine under-predicts -15.8% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_bitfit_b2s64_eager_nockpt':
+        "engine under-predicts -25.4% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_bitfit_b2s64_sdpa_ckpt':
+        "engine under-predicts -11.3% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_bitfit_b2s64_sdpa_nockpt':
+        "engine under-predicts -25.2% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_full_b2s64_sdpa_nockpt':
+        "engine under-predicts -14.3% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_ia3_b2s64_sdpa_nockpt':
+        "engine under-predicts -29.0% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+    'tiny-gpt2_lora_b2s64_sdpa_nockpt':
+        "engine under-predicts -32.0% on GPT-2 (tiny-gpt2): saved_activations ~1.7 MB short of the trace (per-layer tensors saved by GPT2's Conv1D/attention/gelu_new path that the engine's gpt2 program omits); peak at _log_softmax_backward_data in both",
+}
+
+
+def _mark(entries: Iterable[MatrixEntry]) -> list[MatrixEntry]:
+    return [MatrixEntry(e.model, e.method, e.training, e.options, XFAIL.get(e.id)) for e in entries]
+
+
+def matrix(name: str = "ci") -> list[MatrixEntry]:
+    """The named matrix: "ci" (everything, ~2-3 min on 2 cores), "tiny" (tiny models only, ~40 s)."""
+    if name == "tiny":
+        return _mark(_tiny_entries())
+    if name == "ci":
+        return _mark(_tiny_entries() + _sized_entries())
+    raise ValueError(f"unknown matrix {name!r} (choose from ci, tiny)")
+
+
+def record_for(entry: MatrixEntry) -> dict[str, Any]:
+    """Trace one entry and return its record (the trace's to_dict(), plus matrix id and xfail mark)."""
+    import torch
+
+    from ..training import Training
+    from .trace import trace
+
+    torch.set_num_threads(1)
+    res = trace(entry.arch(), entry.method, dict(entry.options), Training(**entry.training), flops=False,
+                model_name=entry.model)
+    rec = res.to_dict()
+    rec["matrix"] = {"id": entry.id}
+    if entry.xfail:
+        rec["xfail"] = entry.xfail
+    return rec
+
+
+def _worker(entry: MatrixEntry) -> tuple[str, dict[str, Any] | None, str | None, float]:
+    t0 = time.perf_counter()
+    try:
+        return entry.id, record_for(entry), None, time.perf_counter() - t0
+    except Exception as exc:  # reported per entry by the caller
+        return entry.id, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", \
+            time.perf_counter() - t0
+
+
+def run_matrix(entries: list[MatrixEntry], out_dir: str | os.PathLike[str], *, force: bool = False, jobs: int = 2,
+               progress: Callable[[str, str | None, float], None] | None = None) -> list[tuple[str, str | None]]:
+    """Trace every entry and write `out_dir/<id>.json`; returns (id, error or None) per entry.
+
+    Refuses (before tracing anything) when a record exists and `force` is not given."""
+    from ..records import RecordError, write_record
+
+    out = Path(out_dir)
+    if not force:
+        taken = [e.id for e in entries if (out / f"{e.id}.json").exists()]
+        if taken:
+            raise RecordError(f"{out / (taken[0] + '.json')}: exists ({len(taken)} records in {out}); "
+                              "use --force to overwrite")
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise ValueError("matrix has duplicate entry ids")
+    results: list[tuple[str, str | None]] = []
+
+    def done(item: tuple[str, dict[str, Any] | None, str | None, float]) -> None:
+        eid, rec, err, seconds = item
+        if rec is not None:
+            write_record(out / f"{eid}.json", rec, overwrite=force)
+        results.append((eid, err))
+        if progress is not None:
+            progress(eid, err, seconds)
+
+    if jobs <= 1:
+        for e in entries:
+            done(_worker(e))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a clean interpreter per worker: no forked torch state
+        # longest first (8B, then the ~1B configs) so the pool ends together
+        order = sorted(entries, key=lambda e: 0 if e.model == "llama3-8b" else 1 if e.model not in TINY_MODELS else 2)
+        with ctx.Pool(jobs) as pool:
+            for item in pool.imap_unordered(_worker, order):
+                done(item)
+    return results

@@ -1,0 +1,547 @@
+"""Profiling sweeps: a data file of models x methods x shapes, expanded, planned and run one process each.
+
+A sweep file (YAML or JSON; bundled ones in `peftplan/sweeps/`, e.g. `default`, `smoke`):
+
+    name: default
+    warmup: 2                     # steps run before timing (default 2)
+    steps: 3                      # timed steps (default 3)
+    defaults: {micro_batch: 1, seq_len: 2048}     # Training fields for every entry
+    configs:                      # optional: config.json dicts by name (else catalog names / paths)
+      tiny-llama: {model_type: llama, hidden_size: 64, ...}
+    entries:                      # run in this order: put the most informative first
+      - name: core methods
+        models: [llama3.2-1b]     # catalog name, hub alias, a name under `configs`, or a config.json path
+        methods: [full, lora, {method: qlora, options: {double_quant: false}, label: qlora-nodq}]
+        options: {}               # method options for every method of the entry (each must accept them)
+        batch: [1]                # the axes (scalar or list): batch, seq, grad_ckpt, attention,
+        seq: [512, 2048]          #   optimizer, precision; their product is run
+        training: {optimizer_impl: foreach}   # other Training fields for this entry
+
+Every configuration is validated up front (one-line `SweepError` naming the file and entry); one that
+the engine refuses as a combination (BitFit on a model without biases, prefix tuning with gradient
+checkpointing, ...) is skipped with the engine's reason. Configs whose config.json has `auto_map`
+(custom modelling code) are refused: peftplan never runs remote code.
+
+`run_sweep` runs each configuration in its own process (`python -m peftplan.harness.profile --one
+SPEC`), so one run's peak or OOM cannot leak into the next; a child that crashes or hangs is
+reported and the sweep goes on. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .. import __version__
+from ..records import RecordError, iter_record_paths, load_record, unique_path
+
+RESULT_PREFIX = "PEFTPLAN_PROFILE_RESULT "
+EXIT_REFUSED = 3  # the child could not build / run this configuration on this device (not a crash)
+AXES = {"batch": "micro_batch", "seq": "seq_len", "grad_ckpt": "grad_ckpt", "attention": "attention",
+        "optimizer": "optimizer", "precision": "precision"}
+ENTRY_KEYS = {"name", "models", "methods", "options", "training", *AXES}
+TOP_KEYS = {"name", "description", "warmup", "steps", "defaults", "configs", "entries"}
+METHOD_KEYS = {"method", "options", "label"}
+CUDA_ONLY_OPTIMIZERS = ("adamw-8bit", "paged-adamw", "paged-adamw-8bit", "lion")
+# Planning: a child's fixed cost (interpreter, torch/transformers/peft imports, CUDA context) and the
+# rate at which it creates and randomly initialises weights on the GPU. Rough; the dry run says so.
+CHILD_OVERHEAD_S = 12.0
+LOAD_BYTES_PER_S = 20e9
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot be run: one line naming the file, the entry and the field."""
+
+
+@dataclass
+class RunConfig:
+    """One configuration of a sweep, validated (pure data; what the child process gets)."""
+
+    index: int
+    entry: str
+    label: str
+    model_name: str
+    config: dict[str, Any]
+    method: str
+    method_label: str
+    options: dict[str, Any]
+    training: dict[str, Any]
+    skip_reason: str | None = None
+    prediction: dict[str, Any] = field(default_factory=dict)
+    estimated_s: float | None = None
+
+    @property
+    def stem(self) -> str:
+        t = self.training
+        parts = [self.model_name, self.method_label, f"b{t['micro_batch']}", f"s{t['seq_len']}", t["precision"],
+                 t["attention"]]
+        if t.get("grad_ckpt"):
+            parts.append("gc")
+        if t["optimizer"] != "adamw" or t.get("optimizer_impl", "fused") != "fused":
+            parts.append(f"{t['optimizer']}-{t.get('optimizer_impl', 'fused')}")
+        if t.get("grad_accum", 1) != 1:
+            parts.append(f"ga{t['grad_accum']}")
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(str(p) for p in parts)).strip("-")
+
+    def key(self, device: str, capacity_bytes: int | None = None) -> str:
+        """What was measured, canonically: equal keys mean the same measurement (for --resume)."""
+        blob = json.dumps({"model": self.model_name, "config": self.config, "method": self.method,
+                           "options": self.options, "training": self.training, "device": device,
+                           "capacity_bytes": capacity_bytes}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Sweep:
+    name: str
+    path: str
+    warmup: int
+    steps: int
+    configs: list[RunConfig]
+    description: str = ""
+
+    @property
+    def runnable(self) -> list[RunConfig]:
+        return [c for c in self.configs if c.skip_reason is None]
+
+
+# ---- loading and validation ------------------------------------------------------------------
+
+
+def bundled_sweeps() -> list[str]:
+    d = Path(str(resources.files("peftplan"))) / "sweeps"
+    return sorted(p.stem for p in d.glob("*.y*ml")) + sorted(p.stem for p in d.glob("*.json"))
+
+
+def resolve_sweep_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    d = Path(str(resources.files("peftplan"))) / "sweeps"
+    for ext in (".yaml", ".yml", ".json"):
+        if (d / f"{name_or_path}{ext}").exists():
+            return d / f"{name_or_path}{ext}"
+    raise SweepError(f"no sweep file {name_or_path!r} (bundled: {', '.join(bundled_sweeps())}; or give a path)")
+
+
+def read_sweep_file(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SweepError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    try:
+        import yaml
+    except ImportError:
+        raise SweepError(f"{path}: reading YAML needs pyyaml (pip install 'peftplan[harness]'), or use a .json sweep") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SweepError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
+def refuse_remote_code(config: Mapping[str, Any], name: str) -> None:
+    """A config.json with `auto_map` needs the model repository's own Python code: never run it."""
+    if config.get("auto_map") or config.get("trust_remote_code"):
+        raise SweepError(f"model {name!r}: its config.json has auto_map (custom modelling code that needs "
+                         "trust_remote_code); peftplan never runs remote code")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def load_sweep(name_or_path: str, *, gpu: str = "h100", device: str = "cuda",
+               warmup: int | None = None, steps: int | None = None) -> Sweep:
+    """Read, validate and expand a sweep; each config carries the engine's prediction (on `gpu`) or
+    the reason the engine refuses it."""
+    path = resolve_sweep_path(name_or_path)
+    data = read_sweep_file(path)
+    where = str(path)
+    if not isinstance(data, dict):
+        raise SweepError(f"{where}: a sweep must be a mapping with 'entries'")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise SweepError(f"{where}: unknown top-level key {unknown[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    w = warmup if warmup is not None else data.get("warmup", 2)
+    s = steps if steps is not None else data.get("steps", 3)
+    for key, value, low in (("warmup", w, 0), ("steps", s, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SweepError(f"{where}: '{key}' must be an integer >= {low}, got {value!r}")
+    inline = data.get("configs") or {}
+    if not isinstance(inline, dict) or not all(isinstance(v, dict) for v in inline.values()):
+        raise SweepError(f"{where}: 'configs' must map names to config.json objects")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise SweepError(f"{where}: 'defaults' must be a mapping of Training fields")
+    entries = data.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise SweepError(f"{where}: 'entries' must be a non-empty list")
+    from ..catalog import load_gpu
+
+    try:
+        gpu_obj = load_gpu(gpu)
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
+    configs: list[RunConfig] = []
+    model_cache: dict[str, tuple[str, dict[str, Any]]] = {}
+    for i, entry in enumerate(entries):
+        configs.extend(_expand_entry(entry, i, where, path.parent, inline, defaults, model_cache, len(configs),
+                                     device, gpu_obj, w + s))
+    return Sweep(name=str(data.get("name") or path.stem), path=where, warmup=w, steps=s, configs=configs,
+                 description=str(data.get("description") or ""))
+
+
+def _model(ref: Any, ctx: str, base_dir: Path, inline: dict[str, Any],
+           cache: dict[str, tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    from ..arch import from_hf_config
+    from ..catalog import load_config
+
+    if not isinstance(ref, str) or not ref:
+        raise SweepError(f"{ctx}: a model must be a name or a path, got {ref!r}")
+    if ref in cache:
+        return cache[ref]
+    if ref in inline:
+        name, cfg = ref, dict(inline[ref])
+    else:
+        from ..catalog import resolve_model_name
+
+        local = base_dir / ref
+        target = str(local) if local.suffix == ".json" and local.exists() else ref
+        if resolve_model_name(ref) is None and not Path(target).exists():
+            raise SweepError(f"{ctx}: model {ref!r} is neither in the catalog, nor under 'configs', nor a config.json "
+                             "path (the profiler downloads nothing)")
+        try:
+            name, cfg = load_config(target)
+        except ValueError as exc:
+            raise SweepError(f"{ctx}: {str(exc).splitlines()[0]}") from None
+    try:
+        refuse_remote_code(cfg, name)
+        from_hf_config(cfg, name)
+    except ValueError as exc:
+        raise SweepError(f"{ctx}: {str(exc).splitlines()[0]}") from None
+    cache[ref] = (name, cfg)
+    return name, cfg
+
+
+def _methods(value: Any, ctx: str, shared_options: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    from ..methods import get_method, method_names
+
+    out = []
+    for j, item in enumerate(_as_list(value)):
+        mctx = f"{ctx}: methods[{j}]"
+        if isinstance(item, str):
+            method, options, label = item, {}, None
+        elif isinstance(item, dict):
+            unknown = sorted(set(item) - METHOD_KEYS)
+            if unknown:
+                raise SweepError(f"{mctx}: unknown key {unknown[0]!r} (known: {', '.join(sorted(METHOD_KEYS))})")
+            method, options, label = item.get("method"), item.get("options") or {}, item.get("label")
+            if not isinstance(options, dict):
+                raise SweepError(f"{mctx}: 'options' must be a mapping")
+        else:
+            raise SweepError(f"{mctx}: a method must be a name or a mapping with 'method', got {item!r}")
+        if method not in method_names():
+            raise SweepError(f"{mctx}: unknown method {method!r} (known: {', '.join(method_names())})")
+        opts = {**shared_options, **options}
+        try:
+            spec = get_method(method)
+            coerced = spec.make_options(dict(opts))
+        except (ValueError, TypeError) as exc:
+            raise SweepError(f"{mctx} ({method}): {str(exc).splitlines()[0]}") from None
+        full = {f.name: getattr(coerced, f.name) for f in dataclasses.fields(coerced)}
+        out.append((method, str(label or method), full, opts))
+    return out
+
+
+def _expand_entry(entry: Any, i: int, where: str, base_dir: Path, inline: dict[str, Any], defaults: dict[str, Any],
+                  cache: dict[str, tuple[str, dict[str, Any]]], start: int, device: str, gpu_obj: Any,
+                  n_steps: int) -> list[RunConfig]:
+    from ..training import Training
+
+    if not isinstance(entry, dict):
+        raise SweepError(f"{where}: entries[{i}] must be a mapping")
+    name = str(entry.get("name") or f"entry{i}")
+    ctx = f"{where}: entries[{i}] ({name})"
+    unknown = sorted(set(entry) - ENTRY_KEYS)
+    if unknown:
+        raise SweepError(f"{ctx}: unknown key {unknown[0]!r} (known: {', '.join(sorted(ENTRY_KEYS))})")
+    for required in ("models", "methods"):
+        if not entry.get(required):
+            raise SweepError(f"{ctx}: needs '{required}'")
+    shared = entry.get("options") or {}
+    extra = entry.get("training") or {}
+    if not isinstance(shared, dict) or not isinstance(extra, dict):
+        raise SweepError(f"{ctx}: 'options' and 'training' must be mappings")
+    models = [_model(m, ctx, base_dir, inline, cache) for m in _as_list(entry["models"])]
+    methods = _methods(entry["methods"], ctx, shared)
+    axes = {axis: _as_list(entry[axis]) for axis in AXES if axis in entry}
+    for axis, values in axes.items():
+        if not values:
+            raise SweepError(f"{ctx}: '{axis}' is empty")
+    combos: list[dict[str, Any]] = [{}]
+    for axis, values in axes.items():
+        combos = [{**c, AXES[axis]: v} for c in combos for v in values]
+    known = set(Training.__dataclass_fields__)
+    out: list[RunConfig] = []
+    for model_name, cfg in models:
+        for method, mlabel, options, given_options in methods:
+            for combo in combos:
+                fields = {**defaults, **extra, **combo}
+                bad = sorted(set(fields) - known)
+                if bad:
+                    raise SweepError(f"{ctx}: unknown training field {bad[0]!r}")
+                try:
+                    training = Training(**fields)
+                except (ValueError, TypeError) as exc:
+                    raise SweepError(f"{ctx}: {str(exc).splitlines()[0]}") from None
+                rc = RunConfig(index=start + len(out), entry=name, label="", model_name=model_name, config=cfg,
+                               method=method, method_label=mlabel, options=options,
+                               training=dataclasses.asdict(training))
+                rc.label = _label(rc)
+                _predict(rc, training, given_options, device, gpu_obj, n_steps)
+                out.append(rc)
+    return out
+
+
+def _label(rc: RunConfig) -> str:
+    t = rc.training
+    bits = [rc.model_name, rc.method_label, f"b{t['micro_batch']}", f"s{t['seq_len']}", t["precision"]]
+    if t["attention"] != "sdpa":
+        bits.append(t["attention"])
+    if t["grad_ckpt"]:
+        bits.append("ckpt")
+    if t["optimizer"] != "adamw" or t["optimizer_impl"] != "fused":
+        bits.append(f"{t['optimizer']}/{t['optimizer_impl']}")
+    if t["grad_accum"] != 1:
+        bits.append(f"ga{t['grad_accum']}")
+    return " ".join(str(b) for b in bits)
+
+
+def _predict(rc: RunConfig, training: Any, options: dict[str, Any], device: str, gpu_obj: Any, n_steps: int) -> None:
+    """The engine's prediction for this config, or the engine's reason for refusing it (skip)."""
+    from ..arch import from_hf_config
+    from ..estimate import estimate
+
+    if device == "cpu" and training.optimizer in CUDA_ONLY_OPTIMIZERS:
+        rc.skip_reason = f"optimizer {training.optimizer} runs its update on CUDA only (profile it on a GPU)"
+        return
+    try:
+        est = estimate(from_hf_config(rc.config, rc.model_name), rc.method, training, gpu_obj, options)
+    except ValueError as exc:
+        rc.skip_reason = str(exc).splitlines()[0]
+        return
+    m = est.memory
+    rc.prediction = {"peak_allocated_bytes": m.peak_allocated_bytes, "peak_reserved_bytes": m.peak_reserved_bytes,
+                     "device_total_bytes": m.device_total_bytes, "peak_phase": m.peak_phase,
+                     "phase_peaks": dict(m.phase_peaks), "step_time_s": est.compute.step_time_s,
+                     "flops_per_step": est.compute.flops_per_step, "gpu": gpu_obj.name,
+                     "params_total": est.params.total, "params_trainable": est.params.trainable,
+                     "peftplan": __version__}
+    weight_bytes = m.weights_bytes + m.quant_constants_bytes
+    step = est.compute.step_time_s or 0.0
+    rc.estimated_s = CHILD_OVERHEAD_S + weight_bytes / LOAD_BYTES_PER_S + n_steps * step * 1.5
+
+
+# ---- where records go --------------------------------------------------------------------------
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3' (the profiles/<slug>/ directory)."""
+    s = name.strip().lower()
+    s = re.sub(r"^(nvidia|amd)\s+", "", s)
+    s = re.sub(r"[^a-z0-9]+", "-", s).strip("-")
+    return s or "gpu"
+
+
+def measured_keys(directory: Path) -> dict[str, Path]:
+    """config_key -> record path, for every readable record in `directory` (for --resume)."""
+    out: dict[str, Path] = {}
+    if not directory.exists():
+        return out
+    for p in iter_record_paths([directory]):
+        try:
+            rec = load_record(p)
+        except RecordError:
+            continue
+        key = (rec.raw.get("profile") or {}).get("config_key")
+        if isinstance(key, str):
+            out[key] = p
+    return out
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    config: RunConfig
+    status: str  # ok | oom | skipped | refused | crashed | timeout | not-run
+    path: str | None = None
+    reason: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _fmt_gib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
+
+
+def _delta(measured: int | None, predicted: int | None) -> str:
+    if not measured or not predicted:
+        return ""
+    return f" (engine {_fmt_gib(predicted)}, {100.0 * (predicted - measured) / measured:+.1f}%)"
+
+
+def describe(o: Outcome) -> str:
+    """One line per configuration for the sweep log."""
+    c, r = o.config, o.result
+    if o.status == "ok":
+        peak = r.get("peak_allocated_bytes")
+        line = f"[green]ok[/green]      {c.label}: peak {_fmt_gib(peak)}{_delta(peak, c.prediction.get('peak_allocated_bytes'))}"
+        if r.get("step_time_s_median") is not None:
+            line += f", {r['step_time_s_median'] * 1e3:,.1f} ms/step"
+        if r.get("tokens_per_s"):
+            line += f", {r['tokens_per_s']:,.0f} tok/s"
+        return line
+    if o.status == "oom":
+        return (f"[yellow]oom[/yellow]     {c.label}: out of memory at {r.get('phase', '?')} "
+                f"(capacity {_fmt_gib(r.get('capacity_bytes'))}; engine predicted "
+                f"{_fmt_gib(c.prediction.get('peak_allocated_bytes'))})")
+    if o.status in ("skipped", "refused", "not-run"):
+        return f"[dim]{o.status:<8}{c.label}: {o.reason}[/dim]"
+    return f"[red]{o.status:<8}[/red]{c.label}: {o.reason}"
+
+
+def run_child(spec: dict[str, Any], timeout_s: float, env: Mapping[str, str] | None = None) -> tuple[int | None, str, str, bool]:
+    """Run one configuration in a fresh interpreter: (returncode, stdout, stderr, timed_out)."""
+    fd, spec_path = tempfile.mkstemp(prefix="peftplan-profile-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)
+    cmd = [sys.executable, "-m", "peftplan.harness.profile", "--one", spec_path]
+    child_env = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out, err, False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group (it started it)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        return proc.returncode, out, err, True
+    finally:
+        os.unlink(spec_path)
+
+
+def parse_child_output(stdout: str) -> dict[str, Any] | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            try:
+                return json.loads(line[len(RESULT_PREFIX):])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def _tail(text: str, n: int = 1) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[:300] if lines else "(no output)"
+
+
+def run_sweep(sweep: Sweep, out_dir: Path, *, device: str = "cuda", resume: bool = False,
+              capacity_bytes: int | None = None, timeout_s: float = 900.0, max_minutes: float | None = None,
+              threads: int | None = None, console: Any = None, progress: bool = True,
+              on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Run every configuration of `sweep` in its own process; records go to `out_dir` (already the
+    per-GPU directory). Returns one Outcome per configuration, in sweep order."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = measured_keys(out_dir) if resume else {}
+    outcomes: list[Outcome] = []
+    t0 = time.monotonic()
+    columns = (SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task("profiling", total=len(sweep.configs))
+        for cfg in sweep.configs:
+            key = cfg.key(device, capacity_bytes)
+            bar.update(task, description=f"{cfg.label}")
+            if cfg.skip_reason is not None:
+                o = Outcome(cfg, "skipped", reason=cfg.skip_reason)
+            elif key in done:
+                o = Outcome(cfg, "skipped", path=str(done[key]), reason=f"already measured: {done[key].name} (--resume)")
+            elif max_minutes is not None and time.monotonic() - t0 > max_minutes * 60:
+                o = Outcome(cfg, "not-run", reason=f"time budget of {max_minutes:g} min spent")
+            else:
+                o = _run_one(cfg, key, sweep, out_dir, device, capacity_bytes, timeout_s, threads)
+            outcomes.append(o)
+            bar.console.print(describe(o), highlight=False)
+            if on_outcome is not None:
+                on_outcome(o)
+            bar.advance(task)
+        bar.update(task, description="done")
+    return outcomes
+
+
+def _run_one(cfg: RunConfig, key: str, sweep: Sweep, out_dir: Path, device: str, capacity_bytes: int | None,
+             timeout_s: float, threads: int | None) -> Outcome:
+    path = unique_path(out_dir, cfg.stem)
+    spec = {"model_name": cfg.model_name, "config": cfg.config, "method": cfg.method, "options": cfg.options,
+            "training": cfg.training, "device": device, "warmup": sweep.warmup, "steps": sweep.steps,
+            "capacity_bytes": capacity_bytes, "out_path": str(path), "label": cfg.label, "config_key": key,
+            "method_label": cfg.method_label, "sweep": {"name": sweep.name, "entry": cfg.entry, "index": cfg.index},
+            "prediction": cfg.prediction, "threads": threads, "seed": 0}
+    t = time.monotonic()
+    rc, out, err, timed_out = run_child(spec, timeout_s)
+    seconds = time.monotonic() - t
+    result = parse_child_output(out) or {}
+    status = result.get("outcome")
+    if not timed_out and rc == 0 and status in ("ok", "oom"):
+        return Outcome(cfg, status, path=result.get("path"), result=result, seconds=seconds)
+    if not timed_out and rc == EXIT_REFUSED:
+        return Outcome(cfg, "refused", reason=result.get("reason") or _tail(err), seconds=seconds)
+    log = out_dir / "logs" / f"{path.stem}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"# {cfg.label}\n# exit code {rc}{' (timed out)' if timed_out else ''}\n"
+                   f"# spec\n{json.dumps(spec, indent=1, default=str)}\n# stdout\n{out}\n# stderr\n{err}\n",
+                   encoding="utf-8")
+    if timed_out:
+        return Outcome(cfg, "timeout", reason=f"killed after {timeout_s:g} s; log {log}", seconds=seconds)
+    why = f"exit code {rc}" if rc is None or rc >= 0 else f"killed by signal {-rc}"
+    return Outcome(cfg, "crashed", reason=f"{why}: {_tail(err)}; log {log}", seconds=seconds)
+
+
+def summary_counts(outcomes: list[Outcome]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    return counts

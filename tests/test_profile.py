@@ -1,0 +1,334 @@
+"""`peftplan profile`, the GPU profiler, tested end to end on the CPU with the same code path.
+
+The CPU meter counts real tensors with the tracer's MemoryTracker (so a CPU profile equals
+`trace(real=True)`), and an emulated capacity raises `torch.OutOfMemoryError` like CUDA's allocator.
+The end-to-end test runs the real CLI: one process per configuration, the progress bar, atomic
+record writes, an OOM outcome, an engine refusal, a crashing child, and `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from peftplan.harness.sweep import SweepError, gpu_slug, load_sweep, run_sweep
+from peftplan.records import RecordError, load_record, parse_record
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(model_type="llama", vocab_size=1000, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256, tie_word_embeddings=False)
+# `python -m peftplan.cli` would load cli.py twice (as __main__ and as peftplan.cli): run the app itself
+CLI = "import sys; from peftplan.cli import app; sys.argv[0] = 'peftplan'; app()"
+CAPACITY = 5 * 2**20  # between the s32 peak (3.7 MiB) and the s128 peak (7.2 MiB) of full fine-tuning
+
+
+def write_sweep(tmp_path: Path, entries: str, name: str = "sweep.yaml", extra: str = "") -> Path:
+    text = textwrap.dedent(f"""\
+        name: test
+        warmup: 1
+        steps: 2
+        defaults: {{micro_batch: 2, seq_len: 32}}
+        configs:
+          tiny-llama: {json.dumps(TINY)}
+        {extra}
+        entries:
+        """) + textwrap.indent(textwrap.dedent(entries), "  ")
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def env_with_root(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+# ---- sweep files: validation, expansion, bundled sweeps (no torch) ------------------------------------
+
+
+@pytest.mark.parametrize("entries,extra,match", [
+    ("- {models: [tiny-llama], methods: [full], batchsize: [1]}\n", "", r"entries\[0\].*unknown key 'batchsize'"),
+    ("- {models: [no-such-model], methods: [full]}\n", "", r"no-such-model"),
+    ("- {models: [tiny-llama], methods: [fulll]}\n", "", r"unknown method 'fulll'"),
+    ("- {models: [tiny-llama], methods: [{method: lora, options: {rnk: 4}}]}\n", "", r"--rnk does not apply"),
+    ("- {models: [tiny-llama], methods: [full], precision: [fp8]}\n", "", r"unknown precision 'fp8'"),
+    ("- {models: [tiny-llama], methods: [full], batch: [0]}\n", "", r"micro-batch must be a positive integer"),
+    ("- {models: [tiny-llama], methods: [full], training: {warmup: 3}}\n", "", r"unknown training field 'warmup'"),
+    ("- {models: [remote], methods: [full]}\n",
+     "  remote: {model_type: llama, auto_map: {AutoModelForCausalLM: modeling_x.X}}", r"auto_map.*never runs remote code"),
+    ("- {models: [tiny-llama]}\n", "", r"needs 'methods'"),
+])
+def test_sweep_file_errors_are_one_line(tmp_path, entries, extra, match):
+    p = write_sweep(tmp_path, entries)
+    if extra:  # an extra inline config
+        text = p.read_text().replace("configs:\n", "configs:\n" + extra + "\n", 1)
+        p.write_text(text)
+    with pytest.raises(SweepError, match=match) as info:
+        load_sweep(str(p), device="cpu")
+    assert "\n" not in str(info.value) and str(p) in str(info.value)
+
+
+def test_sweep_file_syntax_and_shape_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entries: [\n")
+    with pytest.raises(SweepError, match="not valid YAML"):
+        load_sweep(str(bad))
+    (tmp_path / "s.json").write_text(json.dumps({"entries": [], "name": "x"}))
+    with pytest.raises(SweepError, match="non-empty list"):
+        load_sweep(str(tmp_path / "s.json"))
+    (tmp_path / "t.json").write_text(json.dumps({"entries": [{"models": ["llama3.2-1b"], "methods": ["lora"]}],
+                                                 "trust_remote_code": True}))
+    with pytest.raises(SweepError, match="unknown top-level key 'trust_remote_code'"):
+        load_sweep(str(tmp_path / "t.json"))
+    with pytest.raises(SweepError, match="no sweep file"):
+        load_sweep("no-such-sweep")
+
+
+def test_expansion_order_labels_and_engine_refusals(tmp_path):
+    p = write_sweep(tmp_path, """\
+        - name: first
+          models: [tiny-llama]
+          methods: [full, bitfit, {method: qlora, options: {double_quant: false}, label: qlora-nodq}]
+          seq: [32, 64]
+        - name: second
+          models: [tiny-llama]
+          methods: [prefix, lora]
+          grad_ckpt: true
+          optimizer: [adamw, paged-adamw-8bit]
+        """)
+    sw = load_sweep(str(p), device="cpu")
+    labels = [c.label for c in sw.configs]
+    assert labels[:2] == ["tiny-llama full b2 s32 bf16-mixed", "tiny-llama full b2 s64 bf16-mixed"]
+    assert [c.index for c in sw.configs] == list(range(len(sw.configs)))
+    skipped = {c.label: c.skip_reason for c in sw.configs if c.skip_reason}
+    assert "BitFit" in skipped["tiny-llama bitfit b2 s32 bf16-mixed"]
+    assert "gradient checkpointing" in skipped["tiny-llama prefix b2 s32 bf16-mixed ckpt"]
+    assert "CUDA" in skipped["tiny-llama lora b2 s32 bf16-mixed ckpt paged-adamw-8bit/fused"]
+    qlora = next(c for c in sw.configs if c.method_label == "qlora-nodq")
+    assert qlora.options["double_quant"] is False and qlora.options["quant"] == "nf4"  # full options recorded
+    ok = sw.runnable[0]
+    assert ok.prediction["peak_allocated_bytes"] > 0 and ok.estimated_s > 0
+    assert ok.key("cpu") != ok.key("cuda") and ok.key("cpu") == ok.key("cpu")
+    # on a GPU the CUDA-only optimizer is planned, not skipped
+    gpu = load_sweep(str(p), device="cuda")
+    assert not any("CUDA" in (c.skip_reason or "") for c in gpu.configs)
+
+
+def test_bundled_sweeps_cover_every_method_and_fit_the_budget():
+    from peftplan.arch import from_hf_config
+    from peftplan.methods import method_names
+    from peftplan.training import PRECISIONS
+
+    sw = load_sweep("default", gpu="h100", device="cuda")
+    run = sw.runnable
+    assert set(method_names()) <= {c.method for c in run}
+    families = {from_hf_config(c.config, c.model_name).model_type for c in run}
+    assert len(families) >= 3 and {"llama", "qwen2"} <= families
+    assert {"llama3.2-1b", "qwen2.5-0.5b", "llama3-8b"} <= {c.model_name for c in run}
+    assert {c.method for c in run if c.model_name == "llama3-8b"} >= {"lora", "qlora"}
+    seqs = {c.training["seq_len"] for c in run}
+    assert min(seqs) == 512 and max(seqs) == 8192
+    assert {c.training["precision"] for c in run if c.method == "full"} == set(PRECISIONS)
+    q = {(c.options["quant"], c.options["double_quant"], c.options["kbit_prep"]) for c in run if c.method == "qlora"}
+    assert {("nf4", True, True), ("nf4", False, True), ("nf4", True, False), ("nf4", False, False)} <= q
+    assert {c.options["adapter_kind"] for c in run if c.method == "adapter"} == {"houlsby", "pfeiffer", "parallel"}
+    assert any(c.training["grad_ckpt"] for c in run) and any(c.training["attention"] == "eager" for c in run)
+    # most informative first: every method appears within the first entries
+    assert {c.method for c in run[:25]} == set(method_names())
+    minutes = sum(c.estimated_s for c in run) / 60
+    assert 5 < minutes <= 25, minutes
+    assert len({c.stem for c in run}) == len(run)  # file names do not collide within a sweep
+    smoke = load_sweep("smoke", gpu="h100")
+    assert smoke.runnable and sum(c.estimated_s for c in smoke.runnable) < 120
+
+
+def test_gpu_slug_and_catalog_name():
+    from peftplan.harness.profile import catalog_gpu_name
+
+    assert gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert gpu_slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
+    assert catalog_gpu_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert catalog_gpu_name("Some Future GPU") is None
+
+
+def test_dry_run_imports_no_torch_and_writes_nothing(tmp_path):
+    code = ("import sys; from typer.testing import CliRunner; from peftplan.cli import app; "
+            f"r = CliRunner().invoke(app, ['profile', 'smoke', '--dry-run', '--out', {str(tmp_path / 'p')!r}]); "
+            "print(r.output); assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_with_root(COLUMNS="200"),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "qwen2.5-0.5b qlora b1 s512 bf16-mixed" in out.stdout
+    assert "estimated time on h100" in out.stdout
+    assert not (tmp_path / "p").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from peftplan.cli import app
+
+    p = write_sweep(tmp_path, "- {models: [tiny-llama], methods: [fulll]}\n")
+    r = CliRunner().invoke(app, ["profile", str(p), "--dry-run"])
+    assert r.exit_code == 2 and "unknown method 'fulll'" in r.output
+    r = CliRunner().invoke(app, ["profile", "smoke", "--device", "tpu"])
+    assert r.exit_code == 2 and "--device must be cuda or cpu" in r.output
+    r = CliRunner().invoke(app, ["profile", "smoke", "--torchrun", "2", "--dry-run"])
+    assert r.exit_code == 2 and "not implemented" in r.output
+
+
+# ---- the child's measurement, in process (needs torch) -------------------------------------------------
+
+
+def _spec(method="full", seq=32, **kw):
+    spec = {"model_name": "tiny-llama", "config": dict(TINY), "method": method, "options": {},
+            "training": {"micro_batch": 2, "seq_len": seq}, "device": "cpu", "warmup": 1, "steps": 2, "threads": 1,
+            "label": f"tiny-llama {method} s{seq}", "config_key": "k"}
+    spec.update(kw)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def torch_mod():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(n)
+
+
+def test_cpu_profile_equals_the_real_tensor_trace(torch_mod):
+    from peftplan.arch import from_hf_config
+    from peftplan.harness.profile import measure
+    from peftplan.harness.trace import trace
+    from peftplan.training import Training
+
+    for method in ("full", "lora"):
+        rec = measure(_spec(method))
+        parsed = parse_record(rec)
+        assert parsed.kind == "cpu-trace" and rec["trace"]["device"] == "cpu" and rec["trace"]["fake_tensors"] is False
+        real = trace(from_hf_config(TINY, "tiny-llama"), method, {}, Training(micro_batch=2, seq_len=32), real=True,
+                     flops=False)
+        m = rec["memory"]
+        assert m["peak_allocated_bytes"] == real.peak_allocated_bytes
+        for phase in ("forward", "backward"):
+            assert m["phase_peaks"][phase] == real.phase_peaks[phase]
+        assert m["components"] == real.components
+        assert (parsed.params_total, parsed.params_trainable) == (real.params_total, real.params_trainable)
+        assert 0 < m["after_load_allocated_bytes"] < m["peak_allocated_bytes"]
+        assert rec["trace"]["step_time_s_median"] > 0
+        assert rec["env"]["torch"] == torch_mod.__version__ and "transformers" in rec["env"]
+
+
+def test_capacity_raises_out_of_memory_and_records_it(torch_mod):
+    from peftplan.harness.profile import measure
+
+    rec = measure(_spec("full", capacity_bytes=CAPACITY, seq=128))
+    parsed = parse_record(rec)
+    assert parsed.outcome == "oom" and parsed.capacity_bytes == CAPACITY
+    assert rec["oom"]["phase"].startswith("step1.") and "out of memory" in rec["oom"]["message"]
+    assert 0 < rec["memory"]["peak_before_oom_bytes"] <= CAPACITY
+    assert parsed.params_total == 202048  # built before it ran out
+    ok = measure(_spec("full", capacity_bytes=CAPACITY, seq=32))
+    assert ok["outcome"] == "ok" and ok["memory"]["peak_allocated_bytes"] <= CAPACITY
+
+
+def test_refusals_and_never_overwriting(torch_mod, tmp_path):
+    from peftplan.harness.profile import Refused, measure, run_one
+
+    with pytest.raises(Refused, match="BitFit"):
+        measure(_spec("bitfit"))
+    with pytest.raises(Refused, match="remote code"):
+        measure(_spec(config={**TINY, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    target = tmp_path / "taken.json"
+    target.write_text("{}")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(_spec(out_path=str(target))))
+    with pytest.raises(RecordError, match="refusing to overwrite"):
+        run_one(str(spec_path))
+    assert target.read_text() == "{}"
+
+
+# ---- the real thing: the CLI, one process per configuration ----------------------------------------------
+
+
+def test_cpu_sweep_end_to_end(torch_mod, tmp_path):
+    sweep = write_sweep(tmp_path, """\
+        - name: fits
+          models: [tiny-llama]
+          methods: [full, bitfit]
+        - name: does not fit
+          models: [tiny-llama]
+          methods: [full]
+          seq: [128]
+        - name: crashes
+          models: [tiny-llama]
+          methods: [{method: full, label: full-crash}]
+          seq: 48
+        """)
+    out = tmp_path / "profiles"
+    cmd = [sys.executable, "-c", CLI, "profile", str(sweep), "--device", "cpu", "--out", str(out),
+           "--capacity", f"{CAPACITY}", "--threads", "1", "--timeout", "300"]
+    env = env_with_root(PEFTPLAN_PROFILE_FAULT="full-crash=abort", COLUMNS="200")
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    log = first.stderr
+    assert first.returncode == 1, log  # a crashed configuration makes the exit code non-zero ...
+    assert "crashed" in log and "signal" in log  # ... and is reported,
+    assert "oom" in log and "BitFit" in log
+    assert "4/4" in log  # ... and the sweep went on to the end (the progress bar's count)
+    d = out / "cpu"
+    files = sorted(p.name for p in d.glob("*.json"))
+    assert files == ["tiny-llama-full-b2-s128-bf16-mixed-sdpa.json", "tiny-llama-full-b2-s32-bf16-mixed-sdpa.json"]
+    assert list((d / "logs").glob("tiny-llama-full-crash-*.log"))
+    assert not list(d.glob(".*"))  # no temporary files left behind
+    ok = load_record(d / files[1])
+    oom = load_record(d / files[0])
+    assert ok.outcome == "ok" and oom.outcome == "oom" and oom.capacity_bytes == CAPACITY
+    assert ok.kind == oom.kind == "cpu-trace"
+    raw = ok.raw
+    assert raw["model"]["config"] == TINY and raw["training"]["seq_len"] == 32 and raw["options"] == {}
+    assert raw["trace"]["device"] == "cpu" and raw["trace"]["fake_tensors"] is False
+    assert raw["profile"]["sweep"]["entry"] == "fits" and raw["profile"]["config_key"]
+    # the engine's prediction travels with the record: the tiny model's CPU peak is within 1% of it
+    pred = raw["prediction"]["peak_allocated_bytes"]
+    assert abs(pred - ok.peak_allocated_bytes) / ok.peak_allocated_bytes < 0.01
+    assert oom.raw["prediction"]["peak_allocated_bytes"] > CAPACITY
+    try:
+        from peftplan.check import check_paths
+    except ImportError:  # pragma: no cover - the check gate lives in another module
+        check_paths = None
+    if check_paths is not None:
+        result = check_paths([d])
+        assert all(not f.violations for f in result.findings), [f.violations for f in result.findings]
+
+    before = {p.name: p.read_bytes() for p in d.glob("*.json")}
+    second = subprocess.run(cmd + ["--resume", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert "already measured" in second.stderr, second.stderr
+    assert {p.name: p.read_bytes() for p in d.glob("*.json")} == before  # nothing rewritten, nothing added
+    assert second.returncode == 1 and "crashed" in second.stderr  # the crashed one is retried
+
+
+def test_hanging_child_is_killed_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    sweep = write_sweep(tmp_path, """\
+        - models: [tiny-llama]
+          methods: [{method: full, label: full-hang}, bitfit]
+        """)
+    monkeypatch.setenv("PEFTPLAN_PROFILE_FAULT", "full-hang=hang")
+    console = Console(file=open(os.devnull, "w"), width=200)
+    outcomes = run_sweep(load_sweep(str(sweep), device="cpu"), tmp_path / "out", device="cpu", timeout_s=3,
+                         console=console)
+    assert [o.status for o in outcomes] == ["timeout", "skipped"]
+    assert "killed after 3 s" in outcomes[0].reason
+    assert not list((tmp_path / "out").glob("*.json"))
