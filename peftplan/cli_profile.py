@@ -54,7 +54,10 @@ def profile(
     limit: Optional[int] = typer.Option(None, "--limit", help="run at most this many configurations"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads in each child (CPU runs)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="show the progress bar"),
-    torchrun: Optional[int] = typer.Option(None, "--torchrun", help="not implemented: multi-GPU FSDP2 profiling"),
+    torchrun: Optional[int] = typer.Option(None, "--torchrun", "--gpus", help="run every configuration on N ranks "
+                                           "under torchrun with FSDP2 (NCCL on CUDA, gloo on the CPU); entries with "
+                                           "`gpus: N` do so without this flag"),
+    shard: str = typer.Option("fsdp-full", "--shard", help="with --torchrun: fsdp-full, fsdp-grad-op or fsdp-hybrid"),
 ) -> None:
     """Measure real training steps on the GPU (one process per configuration) and record them.
 
@@ -71,8 +74,15 @@ def profile(
 
         if device not in ("cuda", "cpu"):
             raise ValueError(f"--device must be cuda or cpu, got {device!r}")
+        overrides = None
         if torchrun is not None:
-            raise ValueError("--torchrun (multi-GPU FSDP2 profiling) is not implemented yet; profile one GPU at a time")
+            from .harness.sweep import TORCHRUN_SHARDS
+
+            if torchrun < 2:
+                raise ValueError("--torchrun needs N >= 2 ranks (one rank is the ordinary profiler)")
+            if shard not in TORCHRUN_SHARDS:
+                raise ValueError(f"--shard must be one of {', '.join(TORCHRUN_SHARDS)} under --torchrun, got {shard!r}")
+            overrides = {"n_gpus": torchrun, "shard": shard}
         if limit is not None and limit < 1:
             raise ValueError("--limit must be >= 1")
         cap = parse_bytes(capacity) if capacity else None
@@ -80,7 +90,7 @@ def profile(
         info = {"device": device, "gpu": None} if dry_run else _probe_device(device)
         gpu_info = info.get("gpu") or {}
         gpu_name = gpu or gpu_info.get("catalog_name") or "h100"
-        sw = load_sweep(sweep, gpu=gpu_name, device=device, warmup=warmup, steps=steps)
+        sw = load_sweep(sweep, gpu=gpu_name, device=device, warmup=warmup, steps=steps, training_overrides=overrides)
         configs = sw.configs
         if only:
             configs = [c for c in configs if any(o in c.label for o in only)]
@@ -100,7 +110,8 @@ def profile(
         console.print(f"profiling {sw.name}: {len(sw.runnable)} configurations on {where} "
                       f"({sw.warmup} warm-up + {sw.steps} timed steps each) -> {out_dir}/", highlight=False)
         outcomes = run_sweep(sw, out_dir, device=device, resume=resume, capacity_bytes=cap, timeout_s=timeout,
-                             max_minutes=max_minutes, threads=threads, console=console, progress=progress)
+                             max_minutes=max_minutes, threads=threads, console=console, progress=progress,
+                             n_devices=gpu_info.get("count"))
         counts = summary_counts(outcomes)
         console.print("done: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), highlight=False)
         if counts.get("crashed") or counts.get("timeout"):

@@ -232,14 +232,14 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
 def _parallel(model: TunedModel, training: Training, gpu: GPU, mem: StepMemory,
               assumptions: list[str]) -> tuple[dict[str, Any], float | None]:
     """The `parallel` block of the estimate and the communication seconds per step (engine/sharding.py)."""
-    from .engine.sharding import communication
+    from .engine.sharding import communication, quantized_weights
 
     out: dict[str, Any] = {"n_gpus": training.n_gpus, "shard": training.shard, "offload": training.offload,
                            "host_bytes": mem.host_bytes}
     if training.n_gpus == 1:
         return out, None
     p = count_params(model)
-    volume, secs, link = communication(training, gpu.name, p.total, p.trainable)
+    volume, secs, link = communication(training, gpu.name, p.total, p.trainable, quantized_weights(model))
     out.update({"comm_bytes_per_step": volume, "comm_time_s": secs, "link": link})
     assumptions.append(f"memory is per GPU (rank 0) of {training.n_gpus}; each rank runs micro-batch "
                        f"{training.micro_batch}; tokens/s counts all ranks; step time = max(compute, "
@@ -254,7 +254,10 @@ def _parallel(model: TunedModel, training: Training, gpu: GPU, mem: StepMemory,
                            "(harness/fsdp_trace.py)")
         if any(t.quant is not None for tb in model.blocks for t in tb.linears):
             assumptions.append("QLoRA under FSDP needs bnb_4bit_quant_storage = the compute dtype so the packed "
-                               "4-bit weights can be flat-sharded; modelled as 0.5 B/param sharded 1/N")
+                               "4-bit weights can be flat-sharded; modelled as 0.5 B/param sharded 1/N and "
+                               "all-gathered at that size, quantization constants whole on every rank; not "
+                               "checked against an FSDP2 trace (the tracer's 4-bit weights are uint8 Parameters "
+                               "whose quant_state FSDP2 would not carry)")
     if training.offload != "none":
         assumptions.append("offloaded optimizer state (and parameters) live in host memory: parallel.host_bytes")
     if secs is None:

@@ -44,6 +44,9 @@ class TunedLinear:
     quant: Quant | None = None
     lora_rank: int = 0
     lora_dtype: DType | None = None
+    # the adapter weights' dtype as the forward sees it when it differs from their storage dtype
+    # (FSDP2 MixedPrecisionPolicy(param_dtype) all-gathers them in the compute dtype); None = lora_dtype
+    lora_forward_dtype: DType | None = None
     lora_dropout: float = 0.0
     dora: bool = False
     ia3: Literal["out", "in"] | None = None  # peft IA3 scales the output, or the input of feed-forward layers

@@ -181,8 +181,10 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.exit_code == 2 and "unknown method 'fulll'" in r.output
     r = CliRunner().invoke(app, ["profile", "smoke", "--device", "tpu"])
     assert r.exit_code == 2 and "--device must be cuda or cpu" in r.output
-    r = CliRunner().invoke(app, ["profile", "smoke", "--torchrun", "2", "--dry-run"])
-    assert r.exit_code == 2 and "not implemented" in r.output
+    r = CliRunner().invoke(app, ["profile", "smoke", "--torchrun", "1", "--dry-run"])
+    assert r.exit_code == 2 and "N >= 2" in r.output
+    r = CliRunner().invoke(app, ["profile", "smoke", "--torchrun", "2", "--shard", "zero3", "--dry-run"])
+    assert r.exit_code == 2 and "--shard must be one of" in r.output
 
 
 # ---- the child's measurement, in process (needs torch) -------------------------------------------------
@@ -332,3 +334,143 @@ def test_hanging_child_is_killed_and_the_sweep_goes_on(tmp_path, monkeypatch):
     assert [o.status for o in outcomes] == ["timeout", "skipped"]
     assert "killed after 3 s" in outcomes[0].reason
     assert not list((tmp_path / "out").glob("*.json"))
+
+
+# ---- several ranks: FSDP2 under torchrun ------------------------------------------------------------------
+
+
+def test_multi_gpu_entries_are_planned_and_skipped_without_gpus(tmp_path):
+    from rich.console import Console
+
+    p = write_sweep(tmp_path, """\
+        - name: fsdp
+          models: [tiny-llama]
+          methods: [lora, qlora]
+          gpus: 2
+          shard: [fsdp-full, fsdp-grad-op, ddp]
+        """)
+    sw = load_sweep(str(p), device="cuda")
+    labels = {c.label: c for c in sw.configs}
+    ok = labels["tiny-llama lora b2 s32 bf16-mixed fsdp-full x2"]
+    assert ok.skip_reason is None and ok.training["n_gpus"] == 2 and ok.stem.endswith("fsdp-full-x2")
+    assert ok.prediction["peak_allocated_bytes"] > 0  # the engine's rank-0 prediction
+    assert "not DDP" in labels["tiny-llama lora b2 s32 bf16-mixed ddp x2"].skip_reason
+    assert "QLoRA under FSDP2" in labels["tiny-llama qlora b2 s32 bf16-mixed fsdp-full x2"].skip_reason
+    # one GPU present: skipped with the reason, nothing launched, no crash
+    console = Console(file=open(os.devnull, "w"), width=200)
+    outcomes = run_sweep(sw, tmp_path / "out", device="cuda", n_devices=1, console=console)
+    assert {o.status for o in outcomes} == {"skipped"}
+    assert "needs 2 GPUs (torchrun, fsdp-full); 1 present" in outcomes[0].reason
+    # --torchrun N: every configuration on N ranks
+    over = load_sweep(str(write_sweep(tmp_path, "- {models: [tiny-llama], methods: [full]}\n", name="o.yaml")),
+                      device="cpu", training_overrides={"n_gpus": 4, "shard": "fsdp-grad-op"})
+    assert over.configs[0].label.endswith("fsdp-grad-op x4") and over.configs[0].skip_reason is None
+    # the bundled sweep's FSDP2 entries come last and need 2 GPUs
+    default = load_sweep("default", gpu="h100", device="cuda")
+    multi = [c for c in default.configs if c.training["n_gpus"] > 1]
+    assert multi and default.configs[-len(multi):] == multi
+    assert {c.training["shard"] for c in multi} == {"fsdp-full", "fsdp-grad-op"}
+
+
+def _only(sw, needle: str):
+    import dataclasses
+
+    return dataclasses.replace(sw, configs=[c for c in sw.configs if needle in c.label])
+
+
+def _live_processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text.encode() in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_cpu_fsdp2_under_torchrun_end_to_end(torch_mod, tmp_path, monkeypatch):
+    """Two real FSDP2 ranks on the CPU (gloo), launched by `peftplan profile` through torchrun.
+
+    Rank 0's measured peak equals `trace_fsdp` (the fake-process-group trace of the same wrapping)
+    byte for byte: same model build, same `fsdp_wrap.wrap_fsdp`, same tracker; the only difference,
+    real vs fake tensors, does not change any allocation size. The engine is held to the FSDP2 trace
+    tolerances of tests/test_sharding.py (full 1%, LoRA 4%: the adapter-input cast the engine keeps
+    under the mixed-precision policy), and to the cpu-trace gate of `peftplan check`."""
+    import tempfile
+
+    from peftplan.arch import from_hf_config
+    from peftplan.catalog import load_gpu
+    from peftplan.estimate import estimate
+    from peftplan.harness.fsdp_trace import trace_fsdp
+    from peftplan.training import Training
+
+    sweep = write_sweep(tmp_path, """\
+        - name: fsdp2
+          models: [tiny-llama]
+          methods: [lora, full]
+          gpus: 2
+          shard: fsdp-full
+        """)
+    out = tmp_path / "profiles"
+    cmd = [sys.executable, "-c", CLI, "profile", str(sweep), "--device", "cpu", "--out", str(out), "--threads", "1",
+           "--timeout", "300", "--no-progress"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env_with_root(COLUMNS="200"), timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    d = out / "cpu"
+    tol = {"lora": 0.04, "full": 0.01}
+    for method in ("lora", "full"):
+        rec = load_record(d / f"tiny-llama-{method}-b2-s32-bf16-mixed-sdpa-fsdp-full-x2.json")
+        assert parse_record(dict(rec.raw)).outcome == "ok" and rec.kind == "cpu-trace"
+        raw = rec.raw
+        assert raw["training"]["n_gpus"] == 2 and raw["training"]["shard"] == "fsdp-full"
+        dist = raw["distributed"]
+        assert dist["rank"] == 0 and dist["world_size"] == 2 and dist["backend"] == "gloo" and dist["gathered"]
+        assert dist["mesh_shape"] == [2] and dist["reshard_after_forward"] is True and dist["mixed_precision"] == "bf16"
+        per_rank = raw["memory"]["per_rank_peak_allocated_bytes"]
+        assert len(per_rank) == 2 and per_rank[0] == rec.peak_allocated_bytes and all(p > 0 for p in per_rank)
+        arch = from_hf_config(TINY, "tiny-llama")
+        training = Training(micro_batch=2, seq_len=32, n_gpus=2, shard="fsdp-full")
+        traced = trace_fsdp(arch, method, {}, training)
+        assert rec.peak_allocated_bytes == traced.peak_allocated_bytes, (method, rec.peak_allocated_bytes, traced)
+        assert dict(rec.components) == traced.components
+        engine = estimate(arch, method, training, load_gpu("h100")).memory.peak_allocated_bytes
+        assert abs(engine - rec.peak_allocated_bytes) / rec.peak_allocated_bytes < tol[method], (method, engine)
+        assert raw["prediction"]["peak_allocated_bytes"] == engine
+    try:
+        from peftplan.check import check_paths
+    except ImportError:  # pragma: no cover
+        check_paths = None
+    if check_paths is not None:
+        result = check_paths([d])
+        assert all(not f.violations for f in result.findings), [f.violations for f in result.findings]
+
+    # an out-of-memory on the ranks is a recorded outcome; a hung torchrun is killed with its ranks
+    from rich.console import Console
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # spec + rank files here: find leftover ranks
+    monkeypatch.setenv("PEFTPLAN_PROFILE_FAULT", "full-hang=hang")
+    sw = load_sweep(str(write_sweep(tmp_path, """\
+        - models: [tiny-llama]
+          methods: [full, {method: full, label: full-hang}]
+          gpus: 2
+          shard: fsdp-full
+        """, name="oom.yaml")), device="cpu")
+    console = Console(file=open(os.devnull, "w"), width=200)
+    oom_cap = 2 * 2**20  # between the LoRA (1.50 MiB) and the full (2.56 MiB) rank-0 peaks
+    oom, = run_sweep(_only(sw, "full b2"), tmp_path / "o", device="cpu", capacity_bytes=oom_cap, threads=1,
+                     timeout_s=300, console=console)
+    assert oom.status == "oom", oom
+    rec = load_record(oom.path)
+    assert rec.outcome == "oom" and rec.capacity_bytes == oom_cap and 0 in rec.raw["oom"]["ranks"]
+    assert rec.raw["oom"]["phase"].startswith("step") and rec.raw["training"]["n_gpus"] == 2
+    assert 0 < rec.raw["memory"]["peak_before_oom_bytes"] <= oom_cap
+    hang, = run_sweep(_only(sw, "full-hang"), tmp_path / "h", device="cpu", threads=1, timeout_s=6, console=console)
+    assert hang.status == "timeout" and "killed after 6 s" in hang.reason
+    import time
+
+    deadline = time.monotonic() + 10
+    while _live_processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _live_processes_mentioning(str(tmp_path))  # no rank outlived its torchrun

@@ -9,8 +9,8 @@ down to the first layer (prefix tuning: every layer's attention and the projecti
 Attention adds QK^T and PV forward (torch.utils.flop_counter `sdpa_flop_count`) and 5 such bmms
 backward (`sdpa_backward_flop_count`: scores recomputed, dS, dV, dQ, dK); causal kernels (flash /
 memory-efficient SDPA without a mask) skip the masked half (`causal_skip=True`, the default), eager
-attention computes the full square. Gradient checkpointing recomputes every block's forward once
-more in backward. Elementwise ops (norms, activations, softmax) are left out, as FlopCounterMode
+attention computes the full square. Gradient checkpointing reruns every block's forward in backward
+up to its last saved tensor (early stop). Elementwise ops (norms, activations, softmax) are left out, as FlopCounterMode
 does: under 1% of the matmul FLOPs for the models in the catalog.
 """
 
@@ -60,11 +60,12 @@ def step_flops(model: TunedModel, training: Training, causal_skip: bool = True) 
     as torch.utils.flop_counter (and so the tracer) does."""
     c = micro_batch_flops(model, training)
     fwd, bwd_in = c.forward, c.backward_input
-    block = c.block_forward
+    # counted on the recompute as engine/autograd.py runs it: non-reentrant checkpoint's early stop
+    # (torch/utils/checkpoint.py `_StopRecomputationError`) skips the ops after the last saved tensor
+    recompute = c.recompute
     if causal_skip:
         fwd -= c.causal_forward // 2
         bwd_in -= c.causal_backward // 2
-        block -= c.causal_forward // 2  # every causal attention call is inside a block
-    recompute = block if (training.grad_ckpt or model.forces_grad_ckpt) else 0
+        recompute -= c.causal_recompute // 2
     k = training.grad_accum
     return StepFlops(fwd * k, bwd_in * k, c.backward_weight * k, recompute * k)

@@ -31,7 +31,9 @@ class FlopCount:
     backward_weight: int = 0
     causal_forward: int = 0
     causal_backward: int = 0
-    block_forward: int = 0  # forward FLOPs inside the blocks (what checkpointing recomputes)
+    block_forward: int = 0  # forward FLOPs inside the blocks
+    recompute: int = 0  # forward FLOPs rerun by checkpointed layers in backward (early stop included)
+    causal_recompute: int = 0
 
 
 # The counter the ops add to while engine/flops.py runs the symbolic step (None otherwise).
@@ -54,7 +56,7 @@ class Ctx:
     tape: Tape
     tokens: int
     autocast: DType | None
-    cast_cache: dict[int, Tensor] = field(default_factory=dict)
+    cast_cache: dict[object, Tensor] = field(default_factory=dict)  # also shared per-forward tensors (T5 position bias)
 
     def end_forward(self) -> None:
         """Leaving autocast clears its cache: the cached copies live on only where saved."""

@@ -18,7 +18,7 @@ from ..training import Training
 from ..tuned import BottleneckAdapter, TunedBlock, TunedLinear, TunedModel
 from .autograd import Param
 from . import ops
-from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, scale
+from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, promote, scale
 from .sim import Tensor
 
 
@@ -61,6 +61,60 @@ def _dropout(ctx: Ctx, x: Tensor, p: float) -> Tensor:
     ctx.tape.record("dropout", [x], [out], [mask])
     ctx.tape.drop(mask)
     return out
+
+
+def hidden_dropout(arch: ModelArch) -> float:
+    """The residual-stream dropout probability (gpt2 resid_pdrop, bert hidden_dropout_prob, t5
+    dropout_rate, opt dropout); Llama-like families have none in training."""
+    if arch.family in ("llama", "gemma2", "phi3"):
+        return 0.0
+    return float(arch.config.get("resid_pdrop", arch.config.get("hidden_dropout_prob",
+                 arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)
+
+
+def embeddings_out(ctx: Ctx, arch: ModelArch, h: Tensor, params: "ModelParams") -> Tensor:
+    """What the embedding module does after the lookups (and position adds); consumes `h`.
+
+    bert/roberta (BertEmbeddings.forward): LayerNorm then dropout(hidden_dropout_prob); bloom
+    (BloomModel.forward): word_embeddings_layernorm; gpt2 (`self.drop`, embd_pdrop), opt
+    (`nn.functional.dropout(hidden_states, p=self.dropout)` in OPTDecoder) and t5 (T5Stack
+    `self.dropout(inputs_embeds)`): dropout only. The dropout saves its mask only when the embeddings
+    require grad (full fine-tuning, prompt learning, checkpointing's enable_input_require_grads).
+    """
+    if arch.family in ("bert", "bloom") and len(params.final_norms) == 2:
+        hn = _norm(ctx, arch, h, params.final_norms[0])
+        ctx.tape.drop(h)
+        h = hn
+    p = float(arch.config.get("embd_pdrop", 0.0) or 0.0) if arch.family == "gpt2" else \
+        (hidden_dropout(arch) if arch.family in ("bert", "opt", "t5") else 0.0)
+    out = _dropout(ctx, h, p)
+    ctx.tape.drop(h)
+    return out
+
+
+def stack_end(ctx: Ctx, arch: ModelArch, h: Tensor, norm: "Param") -> Tensor:
+    """The last norm of a stack; T5Stack.forward follows `final_layer_norm` with `self.dropout`
+    (encoder and decoder). Consumes `h`."""
+    hn = _norm(ctx, arch, h, norm)
+    ctx.tape.drop(h)
+    if arch.family != "t5":
+        return hn
+    out = _dropout(ctx, hn, hidden_dropout(arch))
+    ctx.tape.drop(hn)
+    return out
+
+
+def head_transform(ctx: Ctx, arch: ModelArch, h: Tensor, params: "ModelParams") -> Tensor:
+    """bert/roberta MLM head before the decoder: dense, gelu, LayerNorm (BertPredictionHeadTransform,
+    RobertaLMHead.forward); `gelu` saves its input. Other families: the final norm. Consumes `h`."""
+    if arch.family == "bert" and params.head_linears:
+        d = linear(ctx, h, params.head_linears[0], None, arch.hidden_size)
+        ctx.tape.drop(h)
+        h = elementwise(ctx, "act", d)
+        ctx.tape.drop(d)
+    for n in params.final_norms[-1:]:
+        h = stack_end(ctx, arch, h, n)
+    return h
 
 
 def tuned_linear(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
@@ -113,7 +167,9 @@ def _lora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
     assert lp.lora_a is not None and lp.lora_b is not None and t.lora_dtype is not None
     if t.quant is not None and ctx.autocast is not None and not t.dora:
         return _lora_bnb_autocast(ctx, x, base_out, lp)
-    xa = cast(ctx, x, t.lora_dtype)
+    # peft lora/layer.py Linear.forward: `x = self._cast_input_dtype(x, lora_A.weight.dtype)` (per adapter);
+    # under FSDP2 mixed precision that weight is the all-gathered compute-dtype copy (tuned.lora_forward_dtype)
+    xa = cast(ctx, x, t.lora_forward_dtype or t.lora_dtype)
     xd = _dropout(ctx, xa, t.lora_dropout)
     tape.drop(xa)
     a = linear(ctx, xd, lp.lora_a, None, t.lora_rank)
@@ -189,10 +245,38 @@ def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lora_result: Tensor, lp: Linear
     return out
 
 
-def _rmsnorm(ctx: Ctx, h: Tensor, w: Param, gemma: bool = False) -> Tensor:
+def _t5_layernorm(ctx: Ctx, h: Tensor, w: Param) -> Tensor:
+    """T5LayerNorm.forward: `variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)`;
+    `hidden_states = hidden_states * torch.rsqrt(variance + eps)` multiplies the ORIGINAL (half) input,
+    so the mul saves it besides pow's fp32 copy (LlamaRMSNorm multiplies the fp32 copy); the fp32
+    product is cast to the weight dtype when that is half; `self.weight * hidden_states`."""
+    tape = ctx.tape
+    h32 = cast(ctx, h, FP32)
+    sq = tape.new(h32.numel, FP32, h32.requires_grad, "pow")
+    tape.record("pow", [h32], [sq], [h32])
+    tape.drop(h32)
+    var = tape.new(ctx.tokens, FP32, h.requires_grad, "mean")
+    tape.record("mean", [sq], [var], [])
+    tape.drop(sq)
+    r = tape.new(ctx.tokens, FP32, h.requires_grad, "rsqrt")
+    tape.record("rsqrt", [var], [r], [r])
+    tape.drop(var)
+    y = mul(ctx, h, r)
+    tape.drop(r)
+    y2 = cast(ctx, y, w.dtype) if w.dtype.bits < 32 else tape.alloc.retain(y)
+    tape.drop(y)
+    wt = tape.param_tensor(w)
+    out = elementwise(ctx, "mul", wt, y2, numel=y2.numel, out_dtype=promote(w.dtype, y2.dtype))
+    tape.drop(y2)
+    return out
+
+
+def _rmsnorm(ctx: Ctx, h: Tensor, w: Param, gemma: bool = False, t5: bool = False) -> Tensor:
     """LlamaRMSNorm: h.to(fp32); pow(2).mean; rsqrt; h*r; .to(input dtype); weight * that."""
     tape = ctx.tape
     n = ctx.tokens
+    if t5:
+        return _t5_layernorm(ctx, h, w)
     h32 = cast(ctx, h, FP32)
     sq = tape.new(h32.numel, FP32, h32.requires_grad, "pow")
     tape.record("pow", [h32], [sq], [h32])
@@ -223,25 +307,30 @@ def _rmsnorm(ctx: Ctx, h: Tensor, w: Param, gemma: bool = False) -> Tensor:
 def _layernorm(ctx: Ctx, h: Tensor, w: Param) -> Tensor:
     """nn.LayerNorm (native_layer_norm): saves input, mean and rstd (fp32 per row)."""
     tape = ctx.tape
-    rg = h.requires_grad or w.trainable
+    rg = h.requires_grad or w.trainable or w.bias_trainable
     out = tape.new(h.numel, h.dtype if ctx.autocast is None else FP32, rg, "layer_norm")
     # layer_norm is an fp32 op under autocast: the input is upcast (a copy when half)
     hin = cast(ctx, h, FP32) if ctx.autocast is not None else tape.alloc.retain(h)
+    # ... and so are its weight and bias (native_layer_norm_backward takes both: derivatives.yaml
+    # `native_layer_norm`), fp32 copies saved per call when the parameters are half precision.
+    # Every layer-norm family in the catalog (gpt2, opt, bloom, bert/roberta) has a bias.
+    wb = [tape.new(w.numel, FP32, False, "ln_weight_fp32") for _ in range(2)] \
+        if ctx.autocast is not None and w.dtype != FP32 else []
     mean = tape.new(ctx.tokens, FP32, False, "ln_mean")
     rstd = tape.new(ctx.tokens, FP32, False, "ln_rstd")
-    tape.record("layer_norm", [hin, tape.param_tensor(w)], [out], [hin, mean, rstd])
-    tape.drop(hin, mean, rstd)
+    tape.record("layer_norm", [hin, tape.param_tensor(w)], [out], [hin, mean, rstd, *wb])
+    tape.drop(hin, mean, rstd, *wb)
     return out
 
 
 def _norm(ctx: Ctx, arch: ModelArch, h: Tensor, w: Param) -> Tensor:
     if arch.norm_kind == "layernorm":
         return _layernorm(ctx, h, w)
-    return _rmsnorm(ctx, h, w, gemma=arch.family == "gemma2")
+    return _rmsnorm(ctx, h, w, gemma=arch.family == "gemma2", t5=arch.family == "t5")
 
 
 def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tensor, v: Tensor,
-               kv_tokens: int, causal: bool, masked: bool = False) -> Tensor:
+               kv_tokens: int, causal: bool, masked: bool = False, bias: Tensor | None = None) -> Tensor:
     """The attention core on projected q/k/v; returns the output (N x H*hd).
 
     SDPA (flash / memory-efficient kernels) saves q, k, v, the output and a logsumexp
@@ -301,14 +390,14 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         mask = tape.new(B * T * kv_tokens, dt, False, "sdpa_float_mask")
     lse = tape.new(B * H * T, FP32, False, "logsumexp")
     out = tape.new(qc.numel, dt, rg, "sdpa_out")
-    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse, mask],
+    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse, mask, bias],
                 backward_scratch=0)
     tape.drop(lse, qc, kc, vc, mask)
     c = ops.COUNTER[0]
     if c is not None:
         # torch.utils.flop_counter sdpa_flop_count: QK^T + PV; sdpa_backward_flop_count: the scores
         # recomputed, grad of scores, grad V, grad Q, grad K (5 bmms); the kernel computes all of them
-        is_causal = causal and not masked
+        is_causal = causal and not masked and bias is None
         c.forward += 2 * bmm
         if is_causal:
             c.causal_forward += 2 * bmm
@@ -333,6 +422,34 @@ def _rope(ctx: Ctx, x: Tensor, cos: Tensor) -> Tensor:
     tape.drop(rot)
     out = add(ctx, a, b)
     tape.drop(a, b)
+    return out
+
+
+def _gelu_new(ctx: Ctx, x: Tensor) -> Tensor:
+    """transformers activations.py NewGELUActivation (gpt2 "gelu_new"; T5/mT5 "gated-gelu" maps
+    dense_act_fn to "gelu_new"), written out in Python:
+    `0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))`.
+    Saved: pow's input (fp32 under autocast: pow is on CUDA autocast's fp32 list, so x is upcast first),
+    tanh's output, and both operands of the final mul (0.5*x and 1+tanh) — four activation-sized
+    tensors instead of one; the fp32 ones promote the output to fp32 under autocast.
+    """
+    tape = ctx.tape
+    half = elementwise(ctx, "mul_scalar", x, save_inputs=False)
+    xf = cast(ctx, x, FP32) if ctx.autocast is not None else tape.alloc.retain(x)
+    cube = elementwise(ctx, "pow", xf)
+    tape.drop(xf)
+    c = elementwise(ctx, "mul_scalar", cube, save_inputs=False)
+    tape.drop(cube)
+    inner = add(ctx, x, c)
+    tape.drop(c)
+    inner2 = elementwise(ctx, "mul_scalar", inner, save_inputs=False)
+    tape.drop(inner)
+    t = elementwise(ctx, "tanh", inner2, save_inputs=False, save_output=True)
+    tape.drop(inner2)
+    u = elementwise(ctx, "add_scalar", t, save_inputs=False)
+    tape.drop(t)
+    out = mul(ctx, half, u)
+    tape.drop(half, u)
     return out
 
 
@@ -379,10 +496,7 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
     lps = {lp.tuned.linear.role: lp for lp in bp.linears}
     norms = iter(bp.norms)
     pre_ln = not (arch.family == "opt" and not arch.config.get("do_layer_norm_before", True)) and arch.family != "bert"
-    drop_p = float(arch.config.get("resid_pdrop", arch.config.get("hidden_dropout_prob",
-                   arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)
-    if arch.family in ("llama", "gemma2", "phi3"):
-        drop_p = 0.0
+    drop_p = hidden_dropout(arch)
 
     def attn_part(x: Tensor, prefix: str, kv_src: Tensor | None, causal: bool) -> Tensor:
         if f"{prefix}qkv" in lps:
@@ -417,8 +531,20 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
         # cross-attention attends over the encoder sequence: its length is the encoder output's rows
         # (T5Attention: key/value states from `key_value_states`), not this stack's kv length
         enc_tokens = src.numel // (training.micro_batch * arch.hidden_size) if prefix else kv_tokens
+        bias = None
+        if arch.family == "t5":
+            # T5Attention.forward: the first layer of each stack builds `position_bias`
+            # (1, n_heads, q_len, k_len) in the query dtype (compute_bias for self-attention,
+            # torch.zeros for cross-attention), later layers reuse it; SDPA receives it as attn_mask
+            # and saves it: one tensor per stack and attention kind, alive until backward.
+            key = ("t5_position_bias", bp.tuned.block.stack == "encoder", prefix)
+            bias = ctx.cast_cache.get(key)  # type: ignore[call-overload]
+            if bias is None:
+                bias = tape.new(arch.num_heads * (ctx.tokens // training.micro_batch) * enc_tokens,
+                                ctx.autocast or q.dtype, False, "t5_position_bias")
+                ctx.cast_cache[key] = bias  # type: ignore[index]  # dropped by Ctx.end_forward
         a = _attention(ctx, arch, training, q, k, v, enc_tokens, causal,
-                       masked=bool(bp.tuned.prefix_tokens) and not prefix)
+                       masked=bool(bp.tuned.prefix_tokens) and not prefix, bias=bias)
         tape.drop(q, k, v)
         o = tuned_linear(ctx, a, lps[f"{prefix}o"])
         tape.drop(a)
@@ -438,7 +564,10 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             up = tuned_linear(ctx, x, lps["up"])
         else:
             gate, up = tuned_linear(ctx, x, lps["up"]), None
-        act = elementwise(ctx, "act", gate)  # silu / gelu save their input
+        if arch.activation == "gelu_new" or (arch.family == "t5" and arch.activation == "gelu"):
+            act = _gelu_new(ctx, gate)
+        else:
+            act = elementwise(ctx, "act", gate)  # silu / gelu / bloom GeLUFunction save their input; relu its output
         tape.drop(gate)
         if up is not None:
             prod = mul(ctx, act, up)

@@ -380,8 +380,26 @@ def optimizer_costs(plan: ShardPlan, trainables: list[Param], shapes: dict[int, 
     return out
 
 
-def communication(training: Training, gpu_name: str, param_numel: int, trainable_numel: int) -> tuple[int, float | None, str]:
+def quantized_weights(model) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(elements, bytes) of the bitsandbytes-quantized base weights of a TunedModel: what FSDP / ZeRO-3
+    all-gather for them is the packed storage (4-bit: 0.5 B/param, int8: 1 B/param, flat-sharded as
+    bnb_4bit_quant_storage elements), not the compute dtype. Their QuantState (absmax, code tables) is
+    module metadata that every rank holds whole (engine/step.py counts it unsharded): not gathered."""
+    numel = nbytes = 0
+    for tb in model.blocks:
+        for t in tb.linears:
+            if t.quant is not None:
+                numel += t.linear.weight_numel
+                nbytes += t.weight_dtype.bytes_for(t.linear.weight_numel)
+    return numel, nbytes
+
+
+def communication(training: Training, gpu_name: str, param_numel: int, trainable_numel: int,
+                  quantized: tuple[int, int] = (0, 0)) -> tuple[int, float | None, str]:
     """(bytes each rank sends per optimizer step, seconds at the interconnect's bandwidth, note).
+
+    `quantized`: (elements, bytes) of quantized frozen weights among `param_numel` (quantized_weights):
+    gathered at their packed size; every other parameter at the compute dtype (MixedPrecisionPolicy).
 
     Ring collectives: all-reduce 2(N-1)/N x buffer, all-gather / reduce-scatter (N-1)/N x buffer.
     DDP / ZeRO-1/2: one gradient all-reduce (or reduce-scatter + all-gather) per optimizer step
@@ -400,7 +418,9 @@ def communication(training: Training, gpu_name: str, param_numel: int, trainable
         volume = 2 * (n - 1) / n * trainable_numel * cb
     else:
         gathers = 1 if s == "fsdp-grad-op" else 2
-        volume = mbs * (gathers * f * param_numel * cb + f * trainable_numel * cb)
+        q_numel, q_bytes = quantized
+        gathered = (param_numel - q_numel) * cb + q_bytes
+        volume = mbs * (gathers * f * gathered + f * trainable_numel * cb)
     data = interconnect()
     link = data["intra_node"].get(gpu_name.split("@")[0])
     secs = None

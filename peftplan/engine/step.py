@@ -16,11 +16,11 @@ from ..arch import Linear, ModelArch
 from ..dtypes import FP32, INT64, DType
 from ..training import Training
 from ..tuned import TunedModel
-from .autograd import Node, Param, Tape
+from .autograd import CheckpointGroup, Param, Tape
 from .ops import Ctx, cast, linear
 from .optimizers import tensor_cost
-from .program import (BlockParams, LinearParams, ModelParams, _norm, block_forward, loss_forward,
-                      virtual_prompt)
+from .program import (BlockParams, LinearParams, ModelParams, block_forward, embeddings_out, head_transform,
+                      loss_forward, stack_end, virtual_prompt)
 from .sim import Allocator, Peak, Tensor, rounded
 from . import sharding
 
@@ -73,7 +73,9 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
         lps: list[LinearParams] = []
         for t in tb.linears:
             lin = t.linear
-            w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable, lin.out_features)
+            # bitsandbytes packs 4-bit weights into a (numel / per-element, 1) column: flat along dim 0
+            packed = t.quant is not None and t.quant.kind != "int8"
+            w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable, 0 if packed else lin.out_features)
             if t.quant is not None:
                 qb = _quant_constant_bytes(lin.weight_numel, t.quant)
                 if t.quant.kind == "int8":
@@ -96,6 +98,7 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             norms.append(param(n.dim, tb.norm_dtype, tb.norms_trainable))
             if n.bias:
                 param(n.dim, tb.norm_dtype, tb.norms_trainable or tb.norm_bias_trainable)
+                norms[-1].bias_trainable = tb.norms_trainable or tb.norm_bias_trainable
         for _, numel in tb.block.extra_params:
             param(numel, tb.norm_dtype, tb.norms_trainable)
         adapters = []
@@ -109,6 +112,7 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
         final_norms.append(param(n.dim, model.final_norm_dtype, model.final_norms_trainable))
         if n.bias:
             param(n.dim, model.final_norm_dtype, model.final_norms_trainable or model.head_bias_trainable)
+            final_norms[-1].bias_trainable = model.final_norms_trainable or model.head_bias_trainable
     head_linears = []
     for lin in arch.head_linears:
         head_linears.append(param(lin.weight_numel, model.head_dtype, model.head_trainable, lin.out_features))
@@ -157,6 +161,7 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         tape.record("add", [h, tape.param_tensor(p)], [h2], [])
         tape.drop(h)
         h = h2
+    h = embeddings_out(ctx, arch, h, params)  # embedding LayerNorm / dropout (program.py)
     cos = None
     if arch.family in ("llama", "gemma2", "phi3"):
         # LlamaRotaryEmbedding: cos and sin (B x T x hd) in the hidden dtype, shared by all layers
@@ -166,28 +171,24 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     n_enc = sum(1 for b in params.blocks if b.tuned.block.stack == "encoder")
     for i, bp in enumerate(params.blocks):
         if arch.family == "t5" and i == n_enc:
-            encoder_out = h
-            h = tape.new(tokens * arch.hidden_size, emb.dtype, emb_rg, "decoder_embedding")
+            encoder_out = stack_end(ctx, arch, h, params.final_norms[0])  # encoder final_layer_norm + dropout
+            # peft peft_model.py PeftModelForSeq2SeqLM.forward (PROMPT_TUNING / P_TUNING) cats the prompt
+            # onto the encoder's inputs_embeds only: the decoder runs on the labels' seq_len tokens
+            T = training.seq_len
+            ctx.tokens = B * T
+            h = tape.new(ctx.tokens * arch.hidden_size, emb.dtype, emb_rg, "decoder_embedding")
             tape.record("embedding", [tape.param_tensor(emb)], [h], [])
+            h = embeddings_out(ctx, arch, h, params)
         if fsdp is not None:
             fsdp.block_start(alloc, tape, i)
         kv = T + bp.tuned.prefix_tokens
         if grad_ckpt:
-            recompute = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out)
-            h_next = tape.new(h.numel, h.dtype, True, "ckpt_out")
-            tape.record("checkpoint", [h], [h_next], [h])
-            tape.nodes.append(Node("recompute", [], [], [], backward_scratch=recompute,
-                                   on_backward=lambda bp=bp: _trainable_grads_in_checkpoint(alloc, bp)))
-            tape.drop(h)
-            h = h_next
+            h = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out)
         else:
             h = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
         if fsdp is not None:
             fsdp.block_end(alloc, tape, i)
-    for n in params.final_norms[-1:]:
-        hn = _norm(ctx, arch, h, n)
-        tape.drop(h)
-        h = hn
+    h = head_transform(ctx, arch, h, params)  # final norm (+ t5 dropout, bert/roberta dense+gelu+LN)
     head = params.head if params.head is not None else emb
     if arch.head_in_features != arch.hidden_size and params.head_linears:
         proj = linear(ctx, h, params.head_linears[0], None, arch.head_in_features)  # OPT project_out
@@ -215,24 +216,31 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
 
 
 def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
-                        cos: Tensor | None, kv: int, encoder_out: Tensor | None) -> int:
-    """A layer's forward with saving off (non-reentrant checkpoint): returns the bytes it would save.
+                        cos: Tensor | None, kv: int, encoder_out: Tensor | None) -> Tensor:
+    """A layer under non-reentrant checkpointing (autograd.CheckpointGroup): its nodes go on the main
+    tape with nothing saved but its input; backward recomputes the saved tensors (with early stop)
+    when it reaches the layer, so the recomputed tensors, the layer's gradient temporaries and its
+    parameters' gradients appear and die op by op as torch runs them."""
+    tape, alloc = ctx.tape, ctx.tape.alloc
+    tokens, autocast = ctx.tokens, ctx.autocast
 
-    The transient peak of the layer's forward counts; nothing it saves is kept. Its backward
-    recomputes those tensors (a transient of the same size) and produces the layer's gradients.
-    """
-    alloc = ctx.tape.alloc
-    sub_tape = Tape(alloc)
-    sub_tape.leaf_params = ctx.tape.leaf_params
-    sub = Ctx(sub_tape, ctx.tokens, ctx.autocast, ctx.cast_cache)
-    before = alloc.total
-    out = block_forward(sub, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
-    saved_bytes = alloc.total - before - out.nbytes
-    sub_tape.drop(out)
-    for node in sub_tape.nodes:
-        for t in node.saved:
+    def replay(sub: Tape) -> None:
+        # checkpoint.py recompute_fn: the same autocast state, a fresh autocast weight cache (the
+        # outer one was cleared when forward left autocast)
+        sub_ctx = Ctx(sub, tokens, autocast, {})
+        block_forward(sub_ctx, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
+
+    group = CheckpointGroup(replay, keep=[alloc.retain(h)])
+    tape.ckpt_group = group
+    try:
+        out = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
+    finally:
+        tape.ckpt_group = None
+    if not group.saving_nodes:  # no holder references the frame: its args die with the forward
+        for t in group.keep:
             alloc.release(t)
-    return max(saved_bytes, 0)
+        group.keep = []
+    return out
 
 
 def _all_params(params: ModelParams) -> list[Param]:
@@ -246,21 +254,6 @@ def _all_params(params: ModelParams) -> list[Param]:
         for _, d, u in bp.adapters:
             out += [d, u]
     return out
-
-
-def _trainable_grads_in_checkpoint(alloc: Allocator, bp: BlockParams) -> None:
-    """Checkpointed layers: their trainable params get grads during the recompute-backward."""
-    for lp in bp.linears:
-        for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3):
-            if p is not None and p.trainable and (p.grad is None or not p.grad.alive):
-                p.grad = alloc.new(p.numel, p.dtype, "grads")
-    for p in bp.norms:
-        if p.trainable and (p.grad is None or not p.grad.alive):
-            p.grad = alloc.new(p.numel, p.dtype, "grads")
-    for _, d, u in bp.adapters:
-        for p in (d, u):
-            if p.grad is None or not p.grad.alive:
-                p.grad = alloc.new(p.numel, p.dtype, "grads")
 
 
 def simulate_step(model: TunedModel, training: Training) -> StepMemory:

@@ -230,18 +230,12 @@ def trace_fsdp(arch: ModelArch, method: str, options: Any = None, training: Trai
             if any(t.quant is not None for tb in built.tuned.blocks for t in tb.linears):
                 raise NotTraceable("4-bit/8-bit bitsandbytes weights are plain uint8 Parameters with a quant_state "
                                    "here; FSDP2 would shard the packed bytes and lose the quant_state")
-            cd = torch.bfloat16 if training.compute_dtype.name == "bf16" else (
-                torch.float16 if training.compute_dtype.name == "fp16" else torch.float32)
-            mp = MixedPrecisionPolicy(param_dtype=cd, reduce_dtype=cd, output_dtype=cd) if training.mixed \
-                else MixedPrecisionPolicy()
-            reshard = training.shard == "fsdp-full"
+            from .fsdp_wrap import fsdp_mesh, reshard_after_forward, wrap_fsdp  # shared with the profiler
+            reshard = reshard_after_forward(training)
             model = built.model
-            from torch.distributed.device_mesh import init_device_mesh
-            mesh = init_device_mesh("cpu", (n,))  # outside the fake mode: the mesh holds real rank ids
+            mesh = fsdp_mesh(training, "cpu")  # outside the fake mode: the mesh holds real rank ids
             with fake_mode:
-                for _, block in find_blocks(built.base, arch):
-                    fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-                fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+                wrap_fsdp(built, arch, training, mesh)
                 opt, err = make_optimizer(model, training, "cpu")
             if opt is None:
                 raise NotTraceable(err or "no optimizer")

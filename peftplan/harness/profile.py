@@ -18,6 +18,12 @@ Memory is read through a `MemoryMeter`, the only thing that differs between devi
   `capacity_bytes` limit is enforced by raising `torch.OutOfMemoryError` from the allocation that
   crosses it: the same exception, caught by the same code, as a CUDA out-of-memory.
 
+Under torchrun (`training.n_gpus` > 1; `peftplan profile` launches `torchrun --standalone --nproc_per_node
+N -m peftplan.harness.profile --one SPEC`), each rank initializes NCCL (CUDA) or gloo (CPU), builds the
+model as above, wraps it with `fsdp_wrap.wrap_fsdp` (the FSDP2 trace's wrapping), measures its own
+peak (CudaMeter per rank; on the CPU `FsdpCpuMeter`, the FSDP2 trace's tracker on real tensors), and
+rank 0 writes one record with every rank's peak (`run_one_distributed`).
+
 An out-of-memory is a recorded outcome ("oom"), not a crash. The record (kind "gpu-profile" on CUDA,
 "cpu-trace" with `trace.device` "cpu" and `trace.fake_tensors` false on the CPU) is written with
 `records.write_record`, which validates it and never overwrites. The last stdout line is
@@ -40,7 +46,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..records import SCHEMA_VERSION, write_record
-from .sweep import EXIT_REFUSED, RESULT_PREFIX, gpu_slug, refuse_remote_code
+from .sweep import EXIT_RANK_OOM, EXIT_REFUSED, RESULT_PREFIX, gpu_slug, refuse_remote_code
 
 FAULT_ENV = "PEFTPLAN_PROFILE_FAULT"  # "<label substring>=abort|exit|hang[,...]": fault injection for tests
 
@@ -313,6 +319,87 @@ class CpuMeter(MemoryMeter):
                 "step_peaks": s["step_peaks"], "components": s["components"], "phase_times": self._times}
 
 
+class FsdpCpuMeter(CpuMeter):
+    """CpuMeter for one rank of a real FSDP2 run on the CPU (gloo): the FSDP2 trace's tracker
+    (`fsdp_trace.FSDPMemoryTracker`: looks through DTensors, follows FSDP2's `storage.resize_`), the
+    same roles (unsharded parameters, flat all-gather / reduce-scatter buffers), real tensors."""
+
+    def __init__(self, arch: Any, training: Any, capacity_bytes: int | None = None) -> None:
+        super().__init__(arch, training, capacity_bytes, quantized=False)
+        from . import fsdp_trace as ft
+
+        self.ft = ft
+        self.tracker = ft.FSDPMemoryTracker(vocab_size=arch.vocab_size, min_logit_rows=training.micro_batch,
+                                            count_flops=False, emulate_cuda=True)
+        self.tracker.events = _Ledger(self)
+
+    @contextlib.contextmanager
+    def running(self, built: Any) -> Iterator[None]:
+        import torch
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        tr, ft, tracker, model, opt = self.tr, self.ft, self.tracker, built.model, built.optimizer
+        local = ft._local
+        orig_wait = FSDPParamGroup.wait_for_unshard
+
+        def wait_for_unshard(group: Any) -> Any:
+            out = orig_wait(group)
+            for fp in group.fsdp_params:
+                for t in getattr(fp, "all_gather_outputs", []) or []:
+                    tracker.set_role(t, "unsharded_params", "fsdp.unsharded_param")
+            return out
+
+        def roles(*_: Any) -> None:  # as fsdp_trace._run: sharded grads and states, seen through DTensors
+            for p in model.parameters():
+                if p.grad is not None:
+                    tracker.set_role(local(p.grad), "grads", "grad")
+            for st in opt.state.values():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        v = local(v)
+                        if k == "step" and v.dim() == 0 and not any(g.get("fused") for g in opt.param_groups):
+                            tracker.set_role(v, "host", "optimizer.state.step")
+                        else:
+                            tracker.set_role(v, "optimizer_state", f"optimizer.state.{k}")
+
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        handles = []
+        FSDPParamGroup.wait_for_unshard = wait_for_unshard  # type: ignore[method-assign]
+        try:
+            with tr._patched(tracker, True), tr._module_hooks(tracker, model), tracker, ft._track_resize(tracker):
+                for p in model.parameters():
+                    tracker.track(local(p), "param", fixed="trainable_params" if p.requires_grad else "frozen_params")
+                for b in model.buffers():
+                    tracker.track(local(b), "buffer", fixed="buffers")
+                self.after_load = {"allocated_bytes": self.total}
+                handles = [opt.register_step_pre_hook(roles), opt.register_step_post_hook(roles)]
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            FSDPParamGroup.wait_for_unshard = orig_wait  # type: ignore[method-assign]
+            tracker.closed = True
+            if gc_enabled:
+                gc.enable()
+
+    def summary(self) -> dict[str, Any]:
+        self.begin("end")
+        s = self.ft._summary(self.tracker)
+        pp = s["peak_phase"]
+        detail = {k: v for k, v in s["phase_peaks_detail"].items() if not k.endswith(".end") and k != "end"}
+        steps: dict[str, int] = {}
+        for label, b in detail.items():
+            if label.startswith("step"):
+                key = label.split(".")[0]
+                steps[key] = max(steps.get(key, 0), b)
+        return {"peak_allocated_bytes": s["peak_allocated_bytes"],
+                "peak_phase": _label(pp["phase"], pp["step"], pp["micro_batch"]), "peak_op": pp.get("op"),
+                "phase_peaks": {k: v for k, v in s["phase_peaks"].items() if k != "end"},
+                "phase_peaks_detail": detail, "step_peaks": steps, "components": s["components"],
+                "phase_times": self._times}
+
+
 # ---- the step loop (the same on every device) --------------------------------------------------------
 
 
@@ -437,8 +524,12 @@ class Refused(Exception):
     """This configuration cannot be built or run on this device (exit code 3, not a crash)."""
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Build, run and measure the configuration in `spec`; returns the record (not yet written)."""
+def measure(spec: dict[str, Any], dist_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build, run and measure the configuration in `spec`; returns the record (not yet written).
+
+    With `dist_info` (one rank of a torchrun launch, the process group initialized), the model is
+    wrapped with FSDP2 exactly as the FSDP2 trace wraps it (`fsdp_wrap.wrap_fsdp`) before the optimizer
+    is made, and the record is this rank's."""
     import torch
 
     from ..arch import ArchError, from_hf_config
@@ -459,6 +550,21 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         opts = coerce_options(method, spec.get("options") or {})
     except (ValueError, HarnessError) as exc:
         raise Refused(str(exc).splitlines()[0]) from None
+    mesh = None
+    if training.n_gpus > 1 and dist_info is None:
+        raise Refused(f"{training.n_gpus} GPUs ({training.shard}): run under torchrun (`peftplan profile` launches it)")
+    if dist_info is not None:
+        from .fsdp_wrap import fsdp_mesh
+
+        if training.n_gpus != dist_info["world_size"]:
+            raise Refused(f"training.n_gpus is {training.n_gpus} but torchrun started {dist_info['world_size']} ranks")
+        if method == "qlora":
+            raise Refused("QLoRA under FSDP2: bitsandbytes 4-bit weights are uint8 Parameters with a quant_state; "
+                          "fully_shard would shard the packed bytes (not profiled)")
+        try:
+            mesh = fsdp_mesh(training, device)
+        except HarnessError as exc:
+            raise Refused(str(exc).splitlines()[0]) from None
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     seed = int(spec.get("seed", 0))
@@ -466,6 +572,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     warmup, steps = int(spec.get("warmup", 2)), int(spec.get("steps", 3))
     capacity = spec.get("capacity_bytes")
     meter: MemoryMeter = (CudaMeter(capacity) if device == "cuda" else
+                          FsdpCpuMeter(arch, training, capacity) if mesh is not None else
                           CpuMeter(arch, training, capacity, quantized=method == "qlora"))
     env, gpu = environment(device)
     t0 = time.perf_counter()
@@ -479,12 +586,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         try:
             with meter.build_context():
-                built = build_model(arch, method, opts, training, device=device)
+                built = build_model(arch, method, opts, training, device=device, with_optimizer=mesh is None)
+                total, trainable = built.params()  # before sharding: the model's counts, not a rank's
+                if mesh is not None:
+                    from .build import make_optimizer
+                    from .fsdp_wrap import wrap_fsdp
+
+                    wrap_fsdp(built, arch, training, mesh)  # the same wrapping as the FSDP2 trace
+                    built.optimizer, built.optimizer_error = make_optimizer(built.model, training, device)
         except (MethodError, TrainingError, ArchError, HarnessError) as exc:
             raise Refused(str(exc).splitlines()[0]) from None
         if built.optimizer is None:
             raise Refused(built.optimizer_error or "no optimizer")
-        total, trainable = built.params()
         record["params"] = {"total": total, "trainable": trainable}
         times = run_steps(built, meter, training, warmup, steps, seed)
         s = meter.summary()
@@ -535,6 +648,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                "device": device, "warmup": warmup, "steps": steps, "seed": seed, "seconds": round(seconds, 3),
                "sweep": spec.get("sweep"), "build": info, "capacity_emulated": bool(capacity)}
     record["profile"] = profile
+    if dist_info is not None:
+        from .fsdp_wrap import mesh_shape, reshard_after_forward
+
+        record["distributed"] = {"launcher": "torchrun", "rank": dist_info["rank"],
+                                 "world_size": dist_info["world_size"], "backend": dist_info["backend"],
+                                 "wrapping": "fully_shard per decoder layer + root (harness/fsdp_wrap.py)",
+                                 "mesh_shape": list(mesh_shape(training)),
+                                 "reshard_after_forward": reshard_after_forward(training),
+                                 "mixed_precision": training.compute_dtype.name if training.mixed else None}
+        notes.append(f"rank {dist_info['rank']} of {dist_info['world_size']} real FSDP2 ranks "
+                     f"({dist_info['backend']}); memory figures are this rank's"
+                     + ("; NCCL's own buffers are outside the caching allocator, not counted" if device == "cuda" else ""))
     if device == "cpu":
         trace_info = {"device": "cpu", "fake_tensors": False, "emulate_cuda": True, "profiler": True,
                       "seconds": round(seconds, 3), "steps": warmup + steps, **info}
@@ -578,8 +703,103 @@ def _emit(result: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _write_rank_file(spec: dict[str, Any], rank: int, suffix: str, data: Any) -> None:
+    d = spec.get("rank_dir")
+    if d:
+        tmp = Path(d) / f".rank{rank}.{suffix}.tmp"
+        tmp.write_text(json.dumps(data, default=str), encoding="utf-8")
+        os.replace(tmp, Path(d) / f"rank{rank}.{suffix}")
+
+
+def _orphan_watchdog(poll_s: float = 0.5) -> None:
+    """torchrun starts every rank in a session of its own, so killing torchrun's process group does not
+    reach the ranks: each rank exits as soon as its parent (torchrun's agent) is gone."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="peftplan-orphan-watchdog", daemon=True).start()
+
+
+EXIT_ORPHANED = 5
+
+
+def run_one_distributed(spec: dict[str, Any]) -> int:
+    """One rank of `torchrun --nproc_per_node N -m peftplan.harness.profile --one SPEC`.
+
+    Every rank measures itself; the ranks' peaks are gathered to rank 0 (`all_gather_object`), which
+    writes the one record (its own peak as `memory.peak_allocated_bytes`, every rank's in
+    `memory.per_rank_peak_allocated_bytes`) and prints the result line. Each rank also leaves its own
+    record in `spec["rank_dir"]`: on an out-of-memory the rank exits at once with EXIT_RANK_OOM (its
+    peers may be blocked in a collective; torchrun ends them) and the launcher writes the OOM record
+    from those files."""
+    _orphan_watchdog()  # before torch is imported: a rank never outlives its torchrun
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    _write_rank_file(spec, rank, "pid", os.getpid())
+    device = spec.get("device", "cuda")
+    if device == "cuda":
+        if torch.cuda.device_count() <= local:
+            _emit({"outcome": "refused", "reason": f"rank {rank}: no CUDA device {local}"})
+            return EXIT_REFUSED
+        torch.cuda.set_device(local)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=float(spec.get("pg_timeout_s") or 600)))
+    info = {"rank": rank, "world_size": world, "backend": backend}
+    try:
+        record = measure(spec, info)
+    except Refused as exc:  # every rank refuses the same way, before any collective
+        _write_rank_file(spec, rank, "json", {"outcome": "refused", "reason": str(exc)})
+        if rank == 0:
+            _emit({"outcome": "refused", "reason": str(exc)})
+        dist.destroy_process_group()
+        return EXIT_REFUSED
+    _write_rank_file(spec, rank, "json", record)
+    mem = record.get("memory", {})
+    if record["outcome"] == "oom":
+        sys.stdout.flush()
+        sys.stderr.write(f"rank {rank}: out of memory at {record['oom']['phase']}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_RANK_OOM)
+    mine = {"rank": rank, "peak_allocated_bytes": mem.get("peak_allocated_bytes"), "peak_phase": mem.get("peak_phase"),
+            "peak_reserved_bytes": mem.get("peak_reserved_bytes")}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    code = 0
+    if rank == 0:
+        mem["per_rank_peak_allocated_bytes"] = [g["peak_allocated_bytes"] for g in gathered]
+        mem["per_rank_peak_phase"] = [g["peak_phase"] for g in gathered]
+        if device == "cuda":
+            mem["per_rank_peak_reserved_bytes"] = [g["peak_reserved_bytes"] for g in gathered]
+        record["distributed"]["gathered"] = True
+        out = spec.get("out_path")
+        path = str(write_record(out, record)) if out else None
+        timing = record.get("timing") or {}
+        _emit({"outcome": "ok", "path": path, "peak_allocated_bytes": mem.get("peak_allocated_bytes"),
+               "per_rank_peak_allocated_bytes": mem["per_rank_peak_allocated_bytes"],
+               "peak_reserved_bytes": mem.get("peak_reserved_bytes"), "capacity_bytes": mem.get("capacity_bytes"),
+               "phase": mem.get("peak_phase"), "step_time_s_median": timing.get("step_time_s_median"),
+               "tokens_per_s": timing.get("tokens_per_s")})
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
 def run_one(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return run_one_distributed(spec)
     try:
         record = measure(spec)
     except Refused as exc:

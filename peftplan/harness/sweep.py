@@ -14,8 +14,12 @@ A sweep file (YAML or JSON; bundled ones in `peftplan/sweeps/`, e.g. `default`, 
         methods: [full, lora, {method: qlora, options: {double_quant: false}, label: qlora-nodq}]
         options: {}               # method options for every method of the entry (each must accept them)
         batch: [1]                # the axes (scalar or list): batch, seq, grad_ckpt, attention,
-        seq: [512, 2048]          #   optimizer, precision; their product is run
+        seq: [512, 2048]          #   optimizer, precision, gpus, shard; their product is run
         training: {optimizer_impl: foreach}   # other Training fields for this entry
+
+An entry with `gpus: N` (N > 1) and `shard: fsdp-full | fsdp-grad-op | fsdp-hybrid` runs under torchrun
+with FSDP2 (`torchrun --standalone --nproc_per_node N -m peftplan.harness.profile --one SPEC`, NCCL on
+CUDA, gloo on the CPU); on CUDA it is skipped, with the reason, when fewer than N GPUs are present.
 
 Every configuration is validated up front (one-line `SweepError` naming the file and entry); one that
 the engine refuses as a combination (BitFit on a model without biases, prefix tuning with gradient
@@ -34,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,8 +54,10 @@ from ..records import RecordError, iter_record_paths, load_record, unique_path
 
 RESULT_PREFIX = "PEFTPLAN_PROFILE_RESULT "
 EXIT_REFUSED = 3  # the child could not build / run this configuration on this device (not a crash)
+EXIT_RANK_OOM = 4  # a torchrun rank ran out of memory (its record is in the rank directory)
 AXES = {"batch": "micro_batch", "seq": "seq_len", "grad_ckpt": "grad_ckpt", "attention": "attention",
-        "optimizer": "optimizer", "precision": "precision"}
+        "optimizer": "optimizer", "precision": "precision", "gpus": "n_gpus", "shard": "shard"}
+TORCHRUN_SHARDS = ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid")  # what the profiler launches under torchrun
 ENTRY_KEYS = {"name", "models", "methods", "options", "training", *AXES}
 TOP_KEYS = {"name", "description", "warmup", "steps", "defaults", "configs", "entries"}
 METHOD_KEYS = {"method", "options", "label"}
@@ -93,6 +100,8 @@ class RunConfig:
             parts.append(f"{t['optimizer']}-{t.get('optimizer_impl', 'fused')}")
         if t.get("grad_accum", 1) != 1:
             parts.append(f"ga{t['grad_accum']}")
+        if t.get("n_gpus", 1) > 1:
+            parts.append(f"{t['shard']}-x{t['n_gpus']}")
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(str(p) for p in parts)).strip("-")
 
     def key(self, device: str, capacity_bytes: int | None = None) -> str:
@@ -170,9 +179,11 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def load_sweep(name_or_path: str, *, gpu: str = "h100", device: str = "cuda",
-               warmup: int | None = None, steps: int | None = None) -> Sweep:
+               warmup: int | None = None, steps: int | None = None,
+               training_overrides: Mapping[str, Any] | None = None) -> Sweep:
     """Read, validate and expand a sweep; each config carries the engine's prediction (on `gpu`) or
-    the reason the engine refuses it."""
+    the reason the engine refuses it. `training_overrides` (e.g. {"n_gpus": 2, "shard": "fsdp-full"}
+    from `--torchrun 2`) replace those Training fields in every configuration."""
     path = resolve_sweep_path(name_or_path)
     data = read_sweep_file(path)
     where = str(path)
@@ -205,7 +216,7 @@ def load_sweep(name_or_path: str, *, gpu: str = "h100", device: str = "cuda",
     model_cache: dict[str, tuple[str, dict[str, Any]]] = {}
     for i, entry in enumerate(entries):
         configs.extend(_expand_entry(entry, i, where, path.parent, inline, defaults, model_cache, len(configs),
-                                     device, gpu_obj, w + s))
+                                     device, gpu_obj, w + s, dict(training_overrides or {})))
     return Sweep(name=str(data.get("name") or path.stem), path=where, warmup=w, steps=s, configs=configs,
                  description=str(data.get("description") or ""))
 
@@ -274,7 +285,7 @@ def _methods(value: Any, ctx: str, shared_options: dict[str, Any]) -> list[tuple
 
 def _expand_entry(entry: Any, i: int, where: str, base_dir: Path, inline: dict[str, Any], defaults: dict[str, Any],
                   cache: dict[str, tuple[str, dict[str, Any]]], start: int, device: str, gpu_obj: Any,
-                  n_steps: int) -> list[RunConfig]:
+                  n_steps: int, overrides: dict[str, Any] | None = None) -> list[RunConfig]:
     from ..training import Training
 
     if not isinstance(entry, dict):
@@ -305,7 +316,7 @@ def _expand_entry(entry: Any, i: int, where: str, base_dir: Path, inline: dict[s
     for model_name, cfg in models:
         for method, mlabel, options, given_options in methods:
             for combo in combos:
-                fields = {**defaults, **extra, **combo}
+                fields = {**defaults, **extra, **combo, **(overrides or {})}
                 bad = sorted(set(fields) - known)
                 if bad:
                     raise SweepError(f"{ctx}: unknown training field {bad[0]!r}")
@@ -333,6 +344,8 @@ def _label(rc: RunConfig) -> str:
         bits.append(f"{t['optimizer']}/{t['optimizer_impl']}")
     if t["grad_accum"] != 1:
         bits.append(f"ga{t['grad_accum']}")
+    if t.get("n_gpus", 1) > 1:
+        bits.append(f"{t['shard']} x{t['n_gpus']}")
     return " ".join(str(b) for b in bits)
 
 
@@ -341,6 +354,13 @@ def _predict(rc: RunConfig, training: Any, options: dict[str, Any], device: str,
     from ..arch import from_hf_config
     from ..estimate import estimate
 
+    if training.n_gpus > 1 and training.shard not in TORCHRUN_SHARDS:
+        rc.skip_reason = (f"--shard {training.shard}: the profiler launches FSDP2 under torchrun "
+                          f"({', '.join(TORCHRUN_SHARDS)}), not DDP / DeepSpeed")
+        return
+    if training.n_gpus > 1 and rc.method == "qlora":
+        rc.skip_reason = "QLoRA under FSDP2: fully_shard would shard bitsandbytes' packed uint8 weights (not profiled)"
+        return
     if device == "cpu" and training.optimizer in CUDA_ONLY_OPTIMIZERS:
         rc.skip_reason = f"optimizer {training.optimizer} runs its update on CUDA only (profile it on a GPU)"
         return
@@ -433,12 +453,33 @@ def describe(o: Outcome) -> str:
     return f"[red]{o.status:<8}[/red]{c.label}: {o.reason}"
 
 
-def run_child(spec: dict[str, Any], timeout_s: float, env: Mapping[str, str] | None = None) -> tuple[int | None, str, str, bool]:
-    """Run one configuration in a fresh interpreter: (returncode, stdout, stderr, timed_out)."""
+def torchrun_command(nproc: int, spec_path: str) -> list[str]:
+    """The launch line of an N-rank configuration (torchrun, as the interpreter running peftplan)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "peftplan.harness.profile", "--one", spec_path]
+
+
+def _kill_ranks(rank_dir: str | None) -> None:
+    """torchrun starts each rank in a session of its own: end the ranks by the pids they wrote."""
+    if not rank_dir:
+        return
+    for f in Path(rank_dir).glob("rank*.pid"):
+        try:
+            os.kill(int(f.read_text()), signal.SIGKILL)
+        except (ValueError, OSError):
+            pass
+
+
+def run_child(spec: dict[str, Any], timeout_s: float, env: Mapping[str, str] | None = None,
+              nproc: int = 1) -> tuple[int | None, str, str, bool]:
+    """Run one configuration in a fresh interpreter, or under torchrun with `nproc` ranks:
+    (returncode, stdout, stderr, timed_out). A process that outlives `timeout_s` is killed (torchrun,
+    its ranks, and their process groups)."""
     fd, spec_path = tempfile.mkstemp(prefix="peftplan-profile-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(spec, fh)
-    cmd = [sys.executable, "-m", "peftplan.harness.profile", "--one", spec_path]
+    cmd = ([sys.executable, "-m", "peftplan.harness.profile", "--one", spec_path] if nproc <= 1 else
+           torchrun_command(nproc, spec_path))
     child_env = dict(os.environ if env is None else env)
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = root + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
@@ -449,6 +490,7 @@ def run_child(spec: dict[str, Any], timeout_s: float, env: Mapping[str, str] | N
         out, err = proc.communicate(timeout=timeout_s)
         return proc.returncode, out, err, False
     except subprocess.TimeoutExpired:
+        _kill_ranks(spec.get("rank_dir"))  # torchrun's ranks (own sessions): by the pids they wrote
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the child's own process group (it started it)
         except ProcessLookupError:
@@ -477,9 +519,10 @@ def _tail(text: str, n: int = 1) -> str:
 def run_sweep(sweep: Sweep, out_dir: Path, *, device: str = "cuda", resume: bool = False,
               capacity_bytes: int | None = None, timeout_s: float = 900.0, max_minutes: float | None = None,
               threads: int | None = None, console: Any = None, progress: bool = True,
-              on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Run every configuration of `sweep` in its own process; records go to `out_dir` (already the
-    per-GPU directory). Returns one Outcome per configuration, in sweep order."""
+              on_outcome: Callable[[Outcome], None] | None = None, n_devices: int | None = None) -> list[Outcome]:
+    """Run every configuration of `sweep` in its own process (an N-GPU one under torchrun); records go
+    to `out_dir` (already the per-GPU directory). `n_devices`: the GPUs present (CUDA; an N-GPU
+    configuration is skipped when fewer are). Returns one Outcome per configuration, in sweep order."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -495,8 +538,12 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, device: str = "cuda", resume: bool
         for cfg in sweep.configs:
             key = cfg.key(device, capacity_bytes)
             bar.update(task, description=f"{cfg.label}")
+            ranks = int(cfg.training.get("n_gpus", 1))
             if cfg.skip_reason is not None:
                 o = Outcome(cfg, "skipped", reason=cfg.skip_reason)
+            elif ranks > 1 and device == "cuda" and (n_devices or 1) < ranks:
+                o = Outcome(cfg, "skipped", reason=f"needs {ranks} GPUs (torchrun, {cfg.training['shard']}); "
+                                                   f"{n_devices or 1} present")
             elif key in done:
                 o = Outcome(cfg, "skipped", path=str(done[key]), reason=f"already measured: {done[key].name} (--resume)")
             elif max_minutes is not None and time.monotonic() - t0 > max_minutes * 60:
@@ -520,15 +567,32 @@ def _run_one(cfg: RunConfig, key: str, sweep: Sweep, out_dir: Path, device: str,
             "capacity_bytes": capacity_bytes, "out_path": str(path), "label": cfg.label, "config_key": key,
             "method_label": cfg.method_label, "sweep": {"name": sweep.name, "entry": cfg.entry, "index": cfg.index},
             "prediction": cfg.prediction, "threads": threads, "seed": 0}
+    ranks = int(cfg.training.get("n_gpus", 1))
+    rank_dir = tempfile.mkdtemp(prefix="peftplan-ranks-") if ranks > 1 else None
+    if rank_dir:
+        spec["rank_dir"] = rank_dir
+        spec["pg_timeout_s"] = max(30.0, min(600.0, timeout_s / 2))
     t = time.monotonic()
-    rc, out, err, timed_out = run_child(spec, timeout_s)
-    seconds = time.monotonic() - t
-    result = parse_child_output(out) or {}
-    status = result.get("outcome")
-    if not timed_out and rc == 0 and status in ("ok", "oom"):
-        return Outcome(cfg, status, path=result.get("path"), result=result, seconds=seconds)
-    if not timed_out and rc == EXIT_REFUSED:
-        return Outcome(cfg, "refused", reason=result.get("reason") or _tail(err), seconds=seconds)
+    try:
+        rc, out, err, timed_out = run_child(spec, timeout_s, nproc=ranks)
+        seconds = time.monotonic() - t
+        result = parse_child_output(out) or {}
+        status = result.get("outcome")
+        if not timed_out and rc == 0 and status in ("ok", "oom"):
+            return Outcome(cfg, status, path=result.get("path"), result=result, seconds=seconds)
+        if not timed_out and (rc == EXIT_REFUSED or (rank_dir and status == "refused")):
+            return Outcome(cfg, "refused", reason=result.get("reason") or _tail(err), seconds=seconds)
+        if rank_dir and not timed_out:
+            try:
+                oom = merge_rank_oom(rank_dir, path)
+            except (RecordError, OSError, KeyError, ValueError) as exc:  # reported below as a crash
+                err += f"\nmerging the ranks' out-of-memory records failed: {exc}"
+                oom = None
+            if oom is not None:
+                return Outcome(cfg, "oom", path=oom["path"], result=oom, seconds=seconds)
+    finally:
+        if rank_dir:
+            shutil.rmtree(rank_dir, ignore_errors=True)
     log = out_dir / "logs" / f"{path.stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"# {cfg.label}\n# exit code {rc}{' (timed out)' if timed_out else ''}\n"
@@ -538,6 +602,43 @@ def _run_one(cfg: RunConfig, key: str, sweep: Sweep, out_dir: Path, device: str,
         return Outcome(cfg, "timeout", reason=f"killed after {timeout_s:g} s; log {log}", seconds=seconds)
     why = f"exit code {rc}" if rc is None or rc >= 0 else f"killed by signal {-rc}"
     return Outcome(cfg, "crashed", reason=f"{why}: {_tail(err)}; log {log}", seconds=seconds)
+
+
+def merge_rank_oom(rank_dir: str, out_path: Path) -> dict[str, Any] | None:
+    """A torchrun run in which some rank ran out of memory: write its record (rank 0's own record when
+    rank 0 left one, else the lowest rank's) with outcome "oom", naming every rank that ran out, and
+    return the result line. None when no rank recorded an out-of-memory."""
+    from ..records import write_record
+
+    recs: dict[int, dict[str, Any]] = {}
+    for f in Path(rank_dir).glob("rank*.json"):
+        try:
+            rank = int(f.name[4:-5])
+            recs[rank] = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            continue
+    ooms = sorted(r for r, rec in recs.items() if rec.get("outcome") == "oom")
+    if not ooms:
+        return None
+    base = dict(recs[0] if 0 in recs else recs[min(recs)])
+    first = recs[ooms[0]]
+    world = int((base.get("distributed") or {}).get("world_size") or 0)
+    base["outcome"] = "oom"
+    base.pop("timing", None)
+    base["oom"] = {**(first.get("oom") or {}), "rank": ooms[0], "ranks": ooms}
+    mem = dict(base.get("memory") or {})
+    mem.pop("peak_allocated_bytes", None)  # an OOM record has the peak before the OOM, per rank
+    per = [((recs.get(r) or {}).get("memory") or {}) for r in range(world)]
+    mem["per_rank_peak_before_oom_bytes"] = [m.get("peak_before_oom_bytes", m.get("peak_allocated_bytes")) for m in per]
+    if "peak_before_oom_bytes" not in mem:
+        mem["peak_before_oom_bytes"] = (first.get("memory") or {}).get("peak_before_oom_bytes")
+    base["memory"] = {k: v for k, v in mem.items() if v is not None}
+    base["notes"] = list(base.get("notes") or []) + [
+        f"out of memory on rank(s) {', '.join(map(str, ooms))} of {world}; ranks still running were ended by torchrun; "
+        "record written by the launcher from the ranks' own records"]
+    path = write_record(out_path, base)
+    return {"outcome": "oom", "path": str(path), "phase": base["oom"].get("phase"),
+            "capacity_bytes": base["memory"].get("capacity_bytes"), "ranks": ooms}
 
 
 def summary_counts(outcomes: list[Outcome]) -> dict[str, int]:

@@ -18,7 +18,7 @@ from .lora import LoraOptions, lora_model, validate_lora
 def build(arch: ModelArch, options: LoraOptions, training: Training) -> TunedModel:
     targets = validate_lora(arch, options)
     base = uniform_model(arch, "dora", frozen_base_dtype(training), trainable=False)
-    return lora_model(base, options, targets, "dora", dora=True)
+    return lora_model(base, options, targets, "dora", dora=True, training=training)
 
 
 SPEC = register(MethodSpec(

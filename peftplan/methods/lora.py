@@ -51,12 +51,24 @@ def validate_lora(arch: ModelArch, options: LoraOptions) -> tuple[str, ...]:
 
 
 def lora_model(base: TunedModel, options: LoraOptions, targets: tuple[str, ...], method: str,
-               dora: bool = False) -> TunedModel:
-    """Attach LoRA (or DoRA) adapters in fp32 to the targeted linears of a frozen base."""
+               dora: bool = False, training: Training | None = None) -> TunedModel:
+    """Attach LoRA (or DoRA) adapters in fp32 to the targeted linears of a frozen base.
+
+    Under FSDP2 with mixed precision the adapters stay fp32 in storage (sharded parameters, grads and
+    optimizer states), but `fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=bf16))`
+    all-gathers every floating parameter in param_dtype for the forward (torch 2.13
+    distributed/fsdp/_fully_shard/_fsdp_param.py `init_unsharded_param` / `param_dtype`), so peft's
+    lora/layer.py `Linear.forward` -> `self._cast_input_dtype(x, lora_A.weight.dtype)` sees a bf16
+    weight and does not copy x to fp32 per adapter: the forward dtype follows the compute dtype.
+    """
+    fwd = None
+    if training is not None and training.mixed and training.shard in ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid"):
+        fwd = training.compute_dtype
 
     def wrap(_: int, tb):  # type: ignore[no-untyped-def]
         linears = tuple(
-            replace(t, lora_rank=options.rank, lora_dtype=ADAPTER_DTYPE, lora_dropout=options.dropout, dora=dora)
+            replace(t, lora_rank=options.rank, lora_dtype=ADAPTER_DTYPE, lora_dropout=options.dropout, dora=dora,
+                    lora_forward_dtype=fwd)
             if targeted(t.linear, targets) else t
             for t in tb.linears
         )
@@ -68,7 +80,7 @@ def lora_model(base: TunedModel, options: LoraOptions, targets: tuple[str, ...],
 def build(arch: ModelArch, options: LoraOptions, training: Training) -> TunedModel:
     targets = validate_lora(arch, options)
     base = uniform_model(arch, "lora", frozen_base_dtype(training), trainable=False)
-    return lora_model(base, options, targets, "lora")
+    return lora_model(base, options, targets, "lora", training=training)
 
 
 SPEC = register(MethodSpec(

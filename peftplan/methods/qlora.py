@@ -58,7 +58,7 @@ def build(arch: ModelArch, options: QLoraOptions, training: Training) -> TunedMo
     if options.kbit_prep:
         quantized = replace(quantized, forces_grad_ckpt=True, input_requires_grad=True)
         notes.append("prepare_model_for_kbit_training: non-quantized params upcast to fp32, gradient checkpointing on")
-    return replace(lora_model(quantized, options, targets, "qlora"), notes=tuple(notes))
+    return replace(lora_model(quantized, options, targets, "qlora", training=training), notes=tuple(notes))
 
 
 SPEC = register(MethodSpec(
