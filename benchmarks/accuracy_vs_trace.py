@@ -5,7 +5,8 @@ Runs `peftplan.harness.trace.trace` (the real HF transformers + peft step under 
 peak ((engine - trace) / trace), whether the parameter counts agree exactly, and the FLOP ratios
 (engine counted with `causal_skip=False`, the flop counter's full-square convention).
 
-    .venv/bin/python benchmarks/accuracy_vs_trace.py [--quick] [--out reports/accuracy_vs_trace.json]
+    .venv/bin/python benchmarks/accuracy_vs_trace.py [--quick [--with-8b]] [--only-8b] [--methods a,b]
+        [--shard i/n] [--out reports/accuracy_vs_trace.json]
 """
 
 from __future__ import annotations
@@ -82,7 +83,13 @@ def compare(arch: ModelArch, method: str, opts: dict, training: Training) -> dic
             "trace_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def configs(quick: bool) -> list[tuple[ModelArch, str, dict, Training]]:
+def big_configs() -> list[tuple[ModelArch, str, dict, Training]]:
+    big = load_model("llama3-8b")
+    return [(big, m, o, Training(micro_batch=1, seq_len=2048))
+            for m, o in [(m, {}) for m in method_names()] + [("qlora", {"kbit_prep": False})]]
+
+
+def configs(quick: bool, with_8b: bool = False) -> list[tuple[ModelArch, str, dict, Training]]:
     out = []
     t = Training(micro_batch=2, seq_len=128)
     fams = FAMILIES[:4] if quick else FAMILIES
@@ -101,10 +108,8 @@ def configs(quick: bool) -> list[tuple[ModelArch, str, dict, Training]]:
         for ax in axes:
             for m in method_names():
                 out.append((arch, m, {}, t.with_(**ax)))
-    if not quick:
-        big = load_model("llama3-8b")
-        for m, o in [(m, {}) for m in method_names()] + [("qlora", {"kbit_prep": False})]:
-            out.append((big, m, o, Training(micro_batch=1, seq_len=2048)))
+    if not quick or with_8b:
+        out += big_configs()
     return out
 
 
@@ -129,11 +134,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--shard", default="0/1", help="i/n: run every n-th config starting at i")
+    ap.add_argument("--with-8b", action="store_true", help="add the llama3-8b b1 s2048 rows to --quick")
+    ap.add_argument("--only-8b", action="store_true", help="only the llama3-8b b1 s2048 rows")
+    ap.add_argument("--methods", default="", help="comma-separated: only these methods")
     args = ap.parse_args()
     i, n = map(int, args.shard.split("/"))
     rows = []
-    for j, (arch, m, o, t) in enumerate(configs(args.quick)):
-        if j % n != i:
+    cfgs = big_configs() if args.only_8b else configs(args.quick, args.with_8b)
+    keep = set(args.methods.split(",")) if args.methods else None
+    for j, (arch, m, o, t) in enumerate(cfgs):
+        if j % n != i or (keep is not None and m not in keep):
             continue
         row = compare(arch, m, o, t)
         rows.append(row)

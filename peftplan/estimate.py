@@ -16,6 +16,7 @@ from typing import Any
 from .arch import ModelArch
 from .catalog import GPU
 from .engine.flops import StepFlops, step_flops
+from .engine.ops import FlopCount
 from .engine.step import StepMemory, simulate_step
 from .methods import get_method
 from .training import Training
@@ -187,7 +188,8 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         effective = training.with_(grad_ckpt=True)
     if training.attention == "flash":
         assumptions.append("flash attention memory modelled as SDPA's flash kernel (saves q, k, v, out, logsumexp)")
-    mem: StepMemory = simulate_step(model, effective)
+    counted = FlopCount()
+    mem: StepMemory = simulate_step(model, effective, flop_counter=counted)
     o = overheads()
     peak = mem.peak.bytes
     reserved, reserved_high = _reserved(peak)
@@ -205,7 +207,7 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         optimizer_state_bytes=mem.optimizer_state_bytes, paged_optimizer_bytes=mem.paged_optimizer_bytes,
         cuda_context_bytes=context, envelope_terms=tuple(t.to_dict() for t in env_terms),
     )
-    flops: StepFlops = step_flops(model, effective)
+    flops: StepFlops = step_flops(model, effective, counted=counted)
     util = float(o["matmul_utilization"]["value"])
     dtype = effective.compute_dtype.name
     peak_flops = gpu.peak_for(dtype)

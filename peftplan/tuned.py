@@ -127,5 +127,10 @@ class TunedModel:
     virtual_tokens: int = 0  # prompt tuning / P-tuning: tokens prepended to the input embeddings
     extra_params: tuple[ExtraParam, ...] = ()
     forces_grad_ckpt: bool = False  # prepare_model_for_kbit_training enables it
+    # ... and reentrant: peft utils/other.py `prepare_model_for_kbit_training` passes
+    # gradient_checkpointing_kwargs={} (not None), so transformers 5.23 modeling_utils.py
+    # `_activation_checkpointing_enable` keeps {} instead of its {"use_reentrant": False} default, and
+    # torch 2.13 utils/checkpoint.py `checkpoint` falls back to `use_reentrant = True` (with a warning)
+    reentrant_ckpt: bool = False
     input_requires_grad: bool = False  # enable_input_require_grads(): embedding output requires grad
     notes: tuple[str, ...] = field(default=())

@@ -8,6 +8,7 @@ with real CPU tensors. Peaks, per-category bytes, parameter counts and FLOPs mus
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -229,6 +230,33 @@ def test_emulation_off_still_exact():
     off_fake = trace(arch, "lora", {}, tr, emulate_cuda=False)
     off_real = trace(arch, "lora", {}, tr, emulate_cuda=False, real=True)
     assert off_fake.peak_allocated_bytes == off_real.peak_allocated_bytes
+
+
+def test_dropout_saves_cuda_bool_masks():
+    """Emulating CUDA, F.dropout runs the fused native_dropout kernel: a bool mask (1 B/element) is saved,
+    not the CPU path's mask in the input's dtype; native_dropout_backward allocates one grad-sized output."""
+    arch = tiny("gpt2")  # GPT2Config defaults: attn / resid / embd dropout 0.1
+    tr = Training(**STEP, attention="eager")
+    opts = {"dropout": 0.1}
+    assert_fake_equals_real(arch, "lora", opts, attention="eager")
+    res = trace(arch, "lora", opts, tr, record_events=True)
+    masks = [s for s in res.saved if s["op"] == "aten.native_dropout" and s["dtype"] == "bool"]
+    # per layer: attention probs, resid_dropout, mlp.dropout; LoRA's dropout on layer 1's c_attn (layer 0's
+    # input needs no grad: nothing saved)
+    b, s, h, d = STEP["micro_batch"], STEP["seq_len"], 4, 128
+    want = sorted([b * h * s * s] * 2 + [b * s * d] * 5)
+    assert sorted(math.prod(m["shape"]) for m in masks) == want
+    assert all(m["storage_bytes"] == -(-math.prod(m["shape"]) // 512) * 512 for m in masks)
+    assert sum(m["storage_bytes"] for m in masks) == sum(want)  # 1 byte per element (all multiples of 512)
+    assert not [x for x in res.saved if x["op"] in ("aten.empty_like", "aten.bernoulli_.float")]
+    bwd = [e for e in res.events if e["op"] == "aten.native_dropout_backward" and e["event"] == "alloc"]
+    assert len(bwd) == 2 * len(masks)  # one output per dropout per step (two steps, one micro-batch each)
+    assert all(e["dtype"] != "bool" for e in bwd)
+    # without emulation: CPU's _dropout_impl saves masks in the input's dtype (bf16 / fp32), more bytes
+    off = trace(arch, "lora", opts, tr, record_events=True, emulate_cuda=False)
+    off_masks = [x for x in off.saved if x["op"] == "aten.empty_like"]
+    assert len(off_masks) == len(masks) and all(x["dtype"] in ("bfloat16", "float32") for x in off_masks)
+    assert sum(x["storage_bytes"] for x in off_masks) >= 2 * sum(want)
 
 
 def test_build_rejects_nothing_on_meta_and_counts_like_peft():

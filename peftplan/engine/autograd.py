@@ -40,6 +40,15 @@ class Node:
     backward_scratch: int = 0  # bytes allocated and freed inside this node's backward
     on_backward: Callable[[], None] | None = None  # extra work (FSDP hooks)
     group: "CheckpointGroup | None" = None  # the checkpointed layer whose recompute fills `saved`
+    custom: "Callable[[Tape, Node], None] | None" = None  # replaces the standard backward (reentrant ckpt)
+
+
+def _nbytes(t: Tensor) -> int:
+    from .sim import rounded
+    return rounded(t.dtype.bytes_for(t.numel))
+
+
+_PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
 
 
 class StopRecompute(Exception):
@@ -60,10 +69,11 @@ class CheckpointGroup:
     projection's output, the residual add) are never rerun. Each recomputed tensor is then freed by
     its node's backward, as without checkpointing."""
 
-    replay: Callable[["Tape"], None]  # runs the layer's forward on a tape (consumes nothing)
+    replay: Callable[["Tape"], Tensor]  # runs the layer's forward on a tape; returns its output
     saving_nodes: list[Node] = field(default_factory=list)
     keep: list[Tensor] = field(default_factory=list)  # the frame's args, freed with the layer's graph
     done: bool = False
+    reentrant: bool = False  # CheckpointFunction: forward under no_grad records no node at all
 
 
 @dataclass
@@ -102,6 +112,8 @@ class Tape:
         if not any(o.requires_grad for o in outputs):
             return
         ins = [i for i in inputs if i.requires_grad]
+        if self.ckpt_group is not None and self.ckpt_group.reentrant:
+            return  # CheckpointFunction.forward runs the layer under torch.no_grad()
         if self.ckpt_group is not None:
             node = Node(name, ins, outputs, [], backward_scratch, group=self.ckpt_group)
             if any(t is not None for t in saved):
@@ -122,8 +134,9 @@ class Tape:
         return p.tensor
 
     # ---- backward -----------------------------------------------------------------------
-    def _grad_for(self, t: Tensor) -> None:
-        """Produce (or accumulate into) the gradient of `t`."""
+    def _grad_for(self, t: Tensor, alias: Tensor | None = None, scratch: int = 0) -> None:
+        """Produce (or accumulate into) the gradient of `t`; `alias`: the node passes its output's
+        gradient through unchanged (the same tensor, no allocation)."""
         param = self.leaf_params.get(id(t))
         if param is not None:
             if not param.trainable:
@@ -151,12 +164,21 @@ class Tape:
         cat = "loss_logits" if t.category == "loss_logits" else "temporaries"
         existing = self.grads.get(id(t))
         if existing is not None and existing.alive:
-            # InputBuffer::accumulate: out-of-place add when both are alive, then the old one is freed
-            new = self.alloc.new(t.numel, t.dtype, cat)
+            # InputBuffer::accumulate (torch/csrc/autograd/input_buffer.cpp): the incoming gradient is
+            # computed first (with its node's temporaries), then summed out of place with the buffered
+            # one (`can_accumulate_inplace` refuses FakeTensors; a real CUDA step adds in place and
+            # skips the sum's allocation), then both inputs of the sum are freed
+            incoming = self.alloc.retain(alias) if alias is not None else self.alloc.new(t.numel, t.dtype, cat)
+            self.alloc.spike(scratch)
+            total = self.alloc.new(t.numel, t.dtype, cat)
             self.alloc.release(existing)
-            self.grads[id(t)] = new
+            self.alloc.release(incoming)
+            self.grads[id(t)] = total
+        elif alias is not None:
+            self.grads[id(t)] = self.alloc.retain(alias)
         else:
             self.grads[id(t)] = self.alloc.new(t.numel, t.dtype, cat)
+            self.alloc.spike(scratch)
 
     def _accumulate(self, t: Tensor, param: Param) -> None:
         """Gradient accumulation: `param.grad` survives from the previous micro-batch.
@@ -182,7 +204,9 @@ class Tape:
         else:
             self.alloc.release(incoming)  # in-place `grad += new`; the incoming buffer dies
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, seed: Tensor | None = None, keep: Tensor | None = None) -> Tensor | None:
+        """Backward from `loss` (a fresh scalar gradient, or `seed`'s buffer); returns the gradient
+        of `keep` instead of freeing it (a reentrant checkpoint's input)."""
         self._seen = set()
         self._pending = {}
         self._uses = {}
@@ -194,8 +218,12 @@ class Tape:
             for inp in node.inputs:
                 if id(inp) in self.leaf_params:
                     self._uses[id(inp)] = self._uses.get(id(inp), 0) + 1
-        self.grads[id(loss)] = self.alloc.new(1, loss.dtype, "temporaries")
+        self.grads[id(loss)] = self.alloc.retain(seed) if seed is not None else \
+            self.alloc.new(1, loss.dtype, "temporaries")
         for node in reversed(self.nodes):
+            if node.custom is not None:
+                node.custom(self, node)
+                continue
             g = node.group
             if g is not None and not g.done and g.saving_nodes and node is g.saving_nodes[-1]:
                 self.recompute(g)
@@ -203,8 +231,20 @@ class Tape:
                 node.on_backward()
             if node.backward_scratch:
                 self.alloc.spike(node.backward_scratch)
+            # AddBackward0 (tools/autograd/derivatives.yaml `self: grad`, `other: maybe_multiply(grad,
+            # alpha)`) hands the incoming gradient itself to both inputs of a same-shape, same-dtype add
+            # (residual stream, attention-mask add): no new tensor, one buffer shared
+            passthrough = None
+            if node.name in _PASSTHROUGH and len(node.outputs) == 1:
+                passthrough = self.grads.get(id(node.outputs[0]))
             for inp in node.inputs:
-                self._grad_for(inp)
+                ok = passthrough is not None and passthrough.alive and inp.numel == node.outputs[0].numel \
+                    and inp.dtype == node.outputs[0].dtype
+                # PowBackward0 (derivatives.yaml `pow_backward(grad, self, exponent)` =
+                # grad * (exponent * self.pow(exponent - 1))): self.pow(e-1) and its product with the
+                # exponent are two input-sized temporaries alive while the input's gradient is written
+                scratch = 2 * _nbytes(inp) if node.name == "pow" else 0
+                self._grad_for(inp, passthrough if ok else None, scratch)
             for t in node.saved:
                 self.alloc.release(t)
             for out in node.outputs:
@@ -215,6 +255,7 @@ class Tape:
                 for t in g.keep:  # the last holder of the layer is gone: the frame and its args die
                     self.alloc.release(t)
                 g.keep = []
+        kept = self.grads.pop(id(keep), None) if keep is not None else None
         for g in self.grads.values():
             self.alloc.release(g)
         for g in self._pending.values():
@@ -222,6 +263,7 @@ class Tape:
         self._pending = {}
         self.grads.clear()
         self.nodes.clear()
+        return kept
 
 
 class _Recorder:
@@ -318,3 +360,45 @@ def _recompute(self: Tape, g: CheckpointGroup) -> None:
 
 
 Tape.recompute = _recompute  # type: ignore[attr-defined]
+
+
+def reentrant_backward(self: Tape, node: Node) -> None:
+    """torch/utils/checkpoint.py `CheckpointFunction.backward` (use_reentrant=True): the whole layer
+    is rerun from its saved input under enable_grad (no early stop: the output is recomputed and
+    held as `outputs` until the function returns), `torch.autograd.backward(outputs, grads)` runs the
+    layer's backward on that fresh graph, and the input's gradient is returned to the outer graph."""
+    from . import ops
+
+    g = node.group
+    assert g is not None
+    h, out = node.saved[0], node.outputs[0]
+    grad_out = self.grads.get(id(out))
+    sub = Tape(self.alloc)
+    sub.leaf_params = self.leaf_params
+    counter = ops.COUNTER[0]
+    temp = ops.FlopCount() if counter is not None else None
+    ops.COUNTER[0] = temp
+    try:
+        rout = g.replay(sub)
+    finally:
+        ops.COUNTER[0] = counter
+    if counter is not None and temp is not None:
+        counter.recompute += temp.forward
+        counter.causal_recompute += temp.causal_forward
+    grad_h = None
+    if grad_out is not None:
+        grad_h = sub.backward(rout, seed=grad_out, keep=h)
+    self.alloc.release(rout)
+    if grad_h is not None:
+        existing = self.grads.get(id(h))
+        if existing is not None and existing.alive:
+            total = self.alloc.new(h.numel, h.dtype, "temporaries")
+            self.alloc.release(existing)
+            self.alloc.release(grad_h)
+            grad_h = total
+        self.grads[id(h)] = grad_h
+    for t in node.saved:
+        self.alloc.release(t)
+    gr = self.grads.pop(id(out), None)
+    if gr is not None:
+        self.alloc.release(gr)

@@ -55,10 +55,12 @@ def micro_batch_flops(model: TunedModel, training: Training) -> ops.FlopCount:
     return counter
 
 
-def step_flops(model: TunedModel, training: Training, causal_skip: bool = True) -> StepFlops:
+def step_flops(model: TunedModel, training: Training, causal_skip: bool = True,
+               counted: ops.FlopCount | None = None) -> StepFlops:
     """FLOPs of one optimizer step. `causal_skip=False` counts causal attention over the full square,
-    as torch.utils.flop_counter (and so the tracer) does."""
-    c = micro_batch_flops(model, training)
+    as torch.utils.flop_counter (and so the tracer) does. `counted`: one micro-batch's counts already
+    taken during the memory simulation (`simulate_step(..., flop_counter=...)`), saving a second run."""
+    c = counted if counted is not None else micro_batch_flops(model, training)
     fwd, bwd_in = c.forward, c.backward_input
     # counted on the recompute as engine/autograd.py runs it: non-reentrant checkpoint's early stop
     # (torch/utils/checkpoint.py `_StopRecomputationError`) skips the ops after the last saved tensor

@@ -330,7 +330,8 @@ def _norm(ctx: Ctx, arch: ModelArch, h: Tensor, w: Param) -> Tensor:
 
 
 def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tensor, v: Tensor,
-               kv_tokens: int, causal: bool, masked: bool = False, bias: Tensor | None = None) -> Tensor:
+               kv_tokens: int, causal: bool, masked: bool = False, bias: Tensor | None = None,
+               hold: Tensor | None = None) -> Tensor:
     """The attention core on projected q/k/v; returns the output (N x H*hd).
 
     SDPA (flash / memory-efficient kernels) saves q, k, v, the output and a logsumexp
@@ -368,7 +369,8 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         probs = cast(ctx, probs32, dt)
         tape.drop(probs32)
         out = tape.new(qc.numel, dt, rg or vr.requires_grad, "attn_out")
-        tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None])
+        tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None,
+                                                    hold if probs.requires_grad else None])
         tape.drop(probs, kr, vr, qc, kc, vc)
         return out
     mask = None
@@ -390,7 +392,7 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         mask = tape.new(B * T * kv_tokens, dt, False, "sdpa_float_mask")
     lse = tape.new(B * H * T, FP32, False, "logsumexp")
     out = tape.new(qc.numel, dt, rg, "sdpa_out")
-    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse, mask, bias],
+    tape.record("sdpa", [qc, kc, vc], [out], [qc, kc, vc, out, lse, mask, bias, hold],
                 backward_scratch=0)
     tape.drop(lse, qc, kc, vc, mask)
     c = ops.COUNTER[0]
@@ -416,6 +418,9 @@ def _rope(ctx: Ctx, x: Tensor, cos: Tensor) -> Tensor:
     tape.record("mul", [x], [a], [])
     half = tape.new(x.numel // 2, x.dtype, x.requires_grad, "neg")
     rot = tape.new(x.numel, x.dtype, x.requires_grad, "cat")
+    # rotate_half's backward (CatBackward0 -> NegBackward0/SliceBackward0) carries the gradient of
+    # `rot` back into x's; without this node the gradient of `rot` was allocated and never consumed
+    tape.record("rotate_half", [x], [rot], [])
     tape.drop(half)
     b = tape.new(x.numel, dt, x.requires_grad, "rot_sin")
     tape.record("mul", [rot], [b], [])
@@ -499,13 +504,23 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
     drop_p = hidden_dropout(arch)
 
     def attn_part(x: Tensor, prefix: str, kv_src: Tensor | None, causal: bool) -> Tensor:
+        held_base = None
         if f"{prefix}qkv" in lps:
             qkv = tuned_linear(ctx, x, lps[f"{prefix}qkv"])
             H, K, hd = arch.num_heads, arch.num_kv_heads, arch.head_dim
             n = ctx.tokens
             q = tape.new(n * H * hd, qkv.dtype, qkv.requires_grad, "q_split")
             k = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "k_split")
-            v = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "v_split")
+            if cos is not None and not prefix:
+                # modeling_phi3.py Phi3Attention: q/k/v are slices (views) of qkv_proj's output; q and k
+                # are replaced by their rotary copies, but the value view goes to SDPA, which saves it:
+                # the whole qkv storage stays alive with it. v is modelled as a zero-byte view and qkv
+                # is held by the attention node's saved tensors (was: a v-sized copy, -6 MiB/layer on
+                # phi3-mini b1 s512, -1.4%)
+                v = Tensor(n * K * hd, qkv.dtype, "temporaries", qkv.requires_grad, 0, 1, True, "v_view")
+                held_base = tape.alloc.retain(qkv)
+            else:
+                v = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "v_split")
             tape.record("split", [qkv], [q, k, v], [])
             tape.drop(qkv)
         else:
@@ -526,8 +541,8 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             vp = tape.new(v.numel + n_prefix, v.dtype, True, "prefix_cat_v")
             tape.record("cat", [k], [kp], [])
             tape.record("cat", [v], [vp], [])
-            tape.drop(k, v)
-            k, v = kp, vp
+            tape.drop(k, v, held_base)  # the value view is consumed by the cat: qkv is not held
+            k, v, held_base = kp, vp, None
         # cross-attention attends over the encoder sequence: its length is the encoder output's rows
         # (T5Attention: key/value states from `key_value_states`), not this stack's kv length
         enc_tokens = src.numel // (training.micro_batch * arch.hidden_size) if prefix else kv_tokens
@@ -544,8 +559,8 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
                                 ctx.autocast or q.dtype, False, "t5_position_bias")
                 ctx.cast_cache[key] = bias  # type: ignore[index]  # dropped by Ctx.end_forward
         a = _attention(ctx, arch, training, q, k, v, enc_tokens, causal,
-                       masked=bool(bp.tuned.prefix_tokens) and not prefix, bias=bias)
-        tape.drop(q, k, v)
+                       masked=bool(bp.tuned.prefix_tokens) and not prefix, bias=bias, hold=held_base)
+        tape.drop(q, k, v, held_base)
         o = tuned_linear(ctx, a, lps[f"{prefix}o"])
         tape.drop(a)
         od = _dropout(ctx, o, drop_p)

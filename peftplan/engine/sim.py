@@ -35,7 +35,7 @@ def rounded(n_bytes: int) -> int:
     return -(-n_bytes // ALLOC_BLOCK) * ALLOC_BLOCK
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Tensor:
     """A symbolic tensor: `numel` elements of `dtype`; `nbytes` is its rounded allocation."""
 
@@ -63,14 +63,16 @@ class Allocator:
         self.by_category: dict[str, int] = {c: 0 for c in CATEGORIES}
         self.total = 0
         self.phase = "load"
+        self._phase_key = "load"  # the phase's kind ("forward", "backward", ...), cached: _note runs per tensor
         self.peak = Peak()
         self.phase_peaks: dict[str, int] = {}
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
+        self._phase_key = phase.split(":")[0]
 
     def _note(self) -> None:
-        key = self.phase.split(":")[0]
+        key = self._phase_key
         if self.total > self.phase_peaks.get(key, -1):
             self.phase_peaks[key] = self.total
         if self.total > self.peak.bytes:

@@ -4,8 +4,10 @@ Two optimizer steps are simulated, as the tracer and profiler run them: the firs
 optimizer state lazily inside `step()`; the second starts with it allocated (steady state).
 With gradient accumulation, the second micro-batch runs with the first one's gradients alive;
 later micro-batches repeat that state, so two are enough. The peak is the maximum over all.
-Gradient checkpointing (non-reentrant, transformers' default) keeps each layer's input and
-recomputes the layer inside its backward.
+Gradient checkpointing: non-reentrant (transformers' default) records each layer's nodes with
+holders instead of saved tensors and recomputes them, with torch's early stop, when backward
+reaches the layer (autograd.CheckpointGroup); reentrant (peft's kbit prep) runs the layer under
+no_grad and reruns it whole inside one CheckpointFunction node's backward (autograd.reentrant_backward).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from ..arch import Linear, ModelArch
 from ..dtypes import FP32, INT64, DType
 from ..training import Training
 from ..tuned import TunedModel
-from .autograd import CheckpointGroup, Param, Tape
+from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
+from . import ops
 from .ops import Ctx, cast, linear
 from .optimizers import tensor_cost
 from .program import (BlockParams, LinearParams, ModelParams, block_forward, embeddings_out, head_transform,
@@ -151,6 +154,16 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     emb_rg = emb.trainable or model.input_requires_grad or model.virtual_tokens > 0 or grad_ckpt
     h = tape.new(tokens * arch.head_in_features, emb.dtype, emb_rg, "embedding")
     tape.record("embedding", [tape.param_tensor(emb)], [h], [ids if emb.trainable else None])
+    # enable_input_require_grads (checkpointing, kbit prep, input_requires_grad) registers a forward hook
+    # `output.requires_grad_(True)` on the input embeddings (transformers modeling_utils.py): with a
+    # frozen embedding the output is a *leaf* that requires grad, so the graph's AccumulateGrad node
+    # holds it (torch/csrc/autograd/functions/accumulate_grad.h `variable`) until backward ends
+    leaf_hook = not emb.trainable and (grad_ckpt or model.input_requires_grad)
+    held_leaves = [alloc.retain(h)] if leaf_hook and not model.virtual_tokens else []
+    if leaf_hook and model.virtual_tokens:
+        # `h` here stands for peft's cat((prompts, inputs_embeds)); the hooked leaf is the word
+        # embeddings' own output (B x seq_len x d), alive next to it
+        held_leaves.append(alloc.new(B * training.seq_len * arch.head_in_features, emb.dtype, "saved_activations"))
     virtual_prompt(ctx, model, params, h)  # prompt / P-tuning: the soft prompt cat'd in front (program.py)
     if arch.head_in_features != arch.hidden_size and params.head_linears:
         proj = linear(ctx, h, params.head_linears[-1], None, arch.hidden_size)  # OPT project_in
@@ -164,9 +177,20 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     h = embeddings_out(ctx, arch, h, params)  # embedding LayerNorm / dropout (program.py)
     cos = None
     if arch.family in ("llama", "gemma2", "phi3"):
-        # LlamaRotaryEmbedding: cos and sin (B x T x hd) in the hidden dtype, shared by all layers
-        cos = alloc.new(B * T * arch.head_dim, h.dtype, "saved_activations")
-        sin = alloc.new(B * T * arch.head_dim, h.dtype, "saved_activations")
+        # LlamaRotaryEmbedding: cos and sin (1 x T x hd: transformers 5.23 builds position_ids as
+        # `cache_position.unsqueeze(0)`, batch 1, broadcast in apply_rotary_pos_emb) in the hidden
+        # dtype, shared by all layers
+        cos = alloc.new(T * arch.head_dim, h.dtype, "saved_activations")
+        sin = alloc.new(T * arch.head_dim, h.dtype, "saved_activations")
+    eager_mask = None
+    if arch.family == "llama" and training.attention == "eager":
+        # transformers 5.23 masking_utils.py `create_causal_mask` -> `eager_mask`: one B x 1 x T x S
+        # additive float mask in the embeddings' dtype (torch.where(mask, 0, min_dtype)), built once per
+        # forward and passed to every layer. Checkpointing keeps it alive into backward: the decoder
+        # layer's kwargs are bound in `partial(super().__call__, **kwargs)` (modeling_layers.py
+        # GradientCheckpointingLayer), held by the checkpoint frame / CheckpointFunction.
+        S = T + (params.blocks[0].tuned.prefix_tokens if params.blocks else 0)
+        eager_mask = alloc.new(B * T * S, h.dtype, "saved_activations")
     encoder_out = None
     n_enc = sum(1 for b in params.blocks if b.tuned.block.stack == "encoder")
     for i, bp in enumerate(params.blocks):
@@ -178,16 +202,20 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
             ctx.tokens = B * T
             h = tape.new(ctx.tokens * arch.hidden_size, emb.dtype, emb_rg, "decoder_embedding")
             tape.record("embedding", [tape.param_tensor(emb)], [h], [])
+            if leaf_hook:  # the same hooked embedding module runs for the decoder's inputs
+                held_leaves.append(alloc.retain(h))
             h = embeddings_out(ctx, arch, h, params)
         if fsdp is not None:
             fsdp.block_start(alloc, tape, i)
         kv = T + bp.tuned.prefix_tokens
         if grad_ckpt:
-            h = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out)
+            h = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out, model.reentrant_ckpt,
+                                    [eager_mask] if eager_mask is not None else [])
         else:
             h = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
         if fsdp is not None:
             fsdp.block_end(alloc, tape, i)
+    alloc.release(eager_mask)  # LlamaModel.forward returns: its reference dies
     h = head_transform(ctx, arch, h, params)  # final norm (+ t5 dropout, bert/roberta dense+gelu+LN)
     head = params.head if params.head is not None else emb
     if arch.head_in_features != arch.hidden_size and params.head_linears:
@@ -205,6 +233,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     if fsdp is not None:
         fsdp.backward_start(alloc)
     tape.backward(loss)
+    for t in held_leaves:  # the graph (and its AccumulateGrad nodes) is freed with the backward
+        alloc.release(t)
     if fsdp is not None:
         fsdp.backward_end(alloc)
     tape.drop(loss)
@@ -216,7 +246,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
 
 
 def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
-                        cos: Tensor | None, kv: int, encoder_out: Tensor | None) -> Tensor:
+                        cos: Tensor | None, kv: int, encoder_out: Tensor | None, reentrant: bool = False,
+                        held: list[Tensor] | None = None) -> Tensor:
     """A layer under non-reentrant checkpointing (autograd.CheckpointGroup): its nodes go on the main
     tape with nothing saved but its input; backward recomputes the saved tensors (with early stop)
     when it reaches the layer, so the recomputed tensors, the layer's gradient temporaries and its
@@ -224,13 +255,30 @@ def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor
     tape, alloc = ctx.tape, ctx.tape.alloc
     tokens, autocast = ctx.tokens, ctx.autocast
 
-    def replay(sub: Tape) -> None:
+    def replay(sub: Tape) -> Tensor:
         # checkpoint.py recompute_fn: the same autocast state, a fresh autocast weight cache (the
-        # outer one was cleared when forward left autocast)
+        # outer one was cleared when forward left autocast; the recompute's is cleared on its exit)
         sub_ctx = Ctx(sub, tokens, autocast, {})
-        block_forward(sub_ctx, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
+        out = block_forward(sub_ctx, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
+        sub_ctx.end_forward()
+        return out
 
-    group = CheckpointGroup(replay, keep=[alloc.retain(h)])
+    if reentrant:
+        group = CheckpointGroup(replay, reentrant=True)
+        tape.ckpt_group = group
+        try:
+            out = block_forward(ctx, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
+        finally:
+            tape.ckpt_group = None
+        # CheckpointFunction: one node, the input saved (ctx.save_for_backward), its own backward
+        if out.requires_grad or h.requires_grad:
+            out.requires_grad = True
+            tape.nodes.append(Node("checkpoint", [h] if h.requires_grad else [], [out],
+                                   [tape.save(h), *(tape.save(t) for t in held or [])],
+                                   group=group, custom=reentrant_backward))
+        tape.drop(h)
+        return out
+    group = CheckpointGroup(replay, keep=[alloc.retain(h), *(alloc.retain(t) for t in held or [])])
     tape.ckpt_group = group
     try:
         out = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
@@ -256,8 +304,11 @@ def _all_params(params: ModelParams) -> list[Param]:
     return out
 
 
-def simulate_step(model: TunedModel, training: Training) -> StepMemory:
-    """Run the symbolic step and return its peak (allocated bytes) with the breakdown."""
+def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.FlopCount | None" = None) -> StepMemory:
+    """Run the symbolic step and return its peak (allocated bytes) with the breakdown.
+
+    With `flop_counter`, the first micro-batch's forward and backward are also counted into it
+    (the same ops `engine.flops.micro_batch_flops` counts), so an estimate runs the tape once less."""
     plan = sharding.plan_for(training)  # None on one GPU
     alloc = Allocator() if plan is None else sharding.ShardedAllocator(plan)
     alloc.set_phase("load")
@@ -270,7 +321,7 @@ def simulate_step(model: TunedModel, training: Training) -> StepMemory:
     micro_steps = min(training.grad_accum, 2)
     state_bytes = paged = 0
     step_scratch = 0
-    shapes = _param_shapes(params)
+    shapes = _param_shapes(params, model.arch)
     costs = [tensor_cost(training.optimizer, training.optimizer_impl, p.numel, p.dtype, shapes.get(id(p)))
              for p in trainables] if plan is None else sharding.optimizer_costs(plan, trainables, shapes)
     state_bytes = sum(c.state_bytes for c in costs)
@@ -287,7 +338,15 @@ def simulate_step(model: TunedModel, training: Training) -> StepMemory:
     for step in (1, 2):
         for micro in range(micro_steps):
             label = f"step{step}.mb{micro + 1}"
-            _forward_backward(alloc, model, params, training, grad_ckpt, label)
+            if flop_counter is not None and step == 1 and micro == 0:
+                previous = ops.COUNTER[0]
+                ops.COUNTER[0] = flop_counter
+                try:
+                    _forward_backward(alloc, model, params, training, grad_ckpt, label)
+                finally:
+                    ops.COUNTER[0] = previous
+            else:
+                _forward_backward(alloc, model, params, training, grad_ckpt, label)
         alloc.set_phase(f"optimizer:step{step}")
         if not states_alive:
             alloc.add_bytes(state_bytes, "optimizer_state")
@@ -305,8 +364,17 @@ def simulate_step(model: TunedModel, training: Training) -> StepMemory:
                       state_bytes, paged, plan.host_bytes if plan is not None else 0)
 
 
-def _param_shapes(params: ModelParams) -> dict[int, tuple[int, int]]:
+def _param_shapes(params: ModelParams, arch: ModelArch | None = None) -> dict[int, tuple[int, int]]:
     shapes: dict[int, tuple[int, int]] = {}
+    if arch is not None:
+        # 2-D embedding / lm_head matrices: Adafactor factors their second moment too
+        # (transformers optimization.py Adafactor `_get_options`: factored = len(grad.shape) >= 2)
+        for (_, r, c), p in zip(arch.embeddings, [params.embedding, *params.other_embeddings]):
+            shapes[id(p)] = (r, c)
+        if params.head is not None:
+            shapes[id(params.head)] = (arch.vocab_size, arch.head_in_features)
+        for lin, p in zip(arch.head_linears, params.head_linears):
+            shapes[id(p)] = (lin.out_features, lin.in_features)
     for bp in params.blocks:
         for lp in bp.linears:
             lin: Linear = lp.tuned.linear

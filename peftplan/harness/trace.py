@@ -29,6 +29,9 @@ Emulating CUDA (`emulate_cuda=True`, the default; the trace runs on a CPU but st
   bitsandbytes LoRA layers skip their fp32 input cast under autocast as they do on a GPU;
 - attention dropout in SDPA runs as CUDA's flash / memory-efficient kernels do (no saved mask or
   probabilities; CPU SDPA would fall back to the math path and keep S x S tensors);
+- `F.dropout` (nn.Dropout, eager attention, LoRA's lora_dropout) in training with 0 < p < 1 runs
+  `native_dropout` as CUDA's fused kernel does: the output plus a saved bool mask (1 B/element; CPU's
+  `at::dropout` would save a mask in the input's dtype), `native_dropout_backward` one grad-sized output;
 - `bitsandbytes::gemm_4bit` accounts the temporaries of its CUDA dequantize + F.linear fallback
   (used above 1536 rows): the dequantized weight and the fp32 absmax, alive with the output.
 
@@ -533,6 +536,19 @@ def _patched(tracker: MemoryTracker | None, emulate_cuda: bool):
             return orig_sdpa(query, key, value, attn_mask, 0.0, *args, **kwargs)
 
         patch(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        orig_dropout = torch.nn.functional.dropout
+
+        def dropout(input, p=0.5, training=True, inplace=False):
+            # CUDA's at::dropout takes the fused native_dropout kernel when training with 0 < p < 1 (not
+            # in-place): an output and a bool mask (1 B/element), the mask saved for backward. CPU's
+            # at::dropout takes _dropout_impl (mask in the input's dtype, multiplied and saved).
+            # torch.native_dropout on CPU returns the same bool mask, so call it as CUDA does.
+            if (training and not inplace and isinstance(p, (int, float)) and 0.0 < p < 1.0
+                    and isinstance(input, torch.Tensor) and input.numel() > 0):
+                return torch.native_dropout(input, float(p), True)[0]
+            return orig_dropout(input, p, training, inplace)
+
+        patch(torch.nn.functional, "dropout", dropout)
     stack = contextlib.ExitStack()
     if emulate_cuda and tracker is not None:
         stack.enter_context(cuda_autocast_policy())
@@ -729,7 +745,8 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
     notes = list(built.notes) + list(built.tuned.notes)
     if emulate_cuda:
         notes.append("CUDA emulated on the CPU trace: CUDA autocast's fp32 op policy, torch.is_autocast_enabled() "
-                     "for peft's bitsandbytes layers, SDPA dropout inside the kernel, bitsandbytes gemm_4bit "
+                     "for peft's bitsandbytes layers, SDPA dropout inside the kernel, fused dropout (bool mask), "
+                     "bitsandbytes gemm_4bit "
                      "dequantize+linear temporaries above 1536 rows")
     if any(t.quant is not None and t.quant.kind == "int8" for tb in built.tuned.blocks for t in tb.linears):
         notes.append("int8 (LLM.int8) traced through bitsandbytes' CPU training path (MatMul8bitFp: weight "

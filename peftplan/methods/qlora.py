@@ -56,8 +56,8 @@ def build(arch: ModelArch, options: QLoraOptions, training: Training) -> TunedMo
     quantized = replace_blocks(base, quantize)
     notes = ["bitsandbytes quantizes block linears only; embeddings, norms and lm_head stay unquantized"]
     if options.kbit_prep:
-        quantized = replace(quantized, forces_grad_ckpt=True, input_requires_grad=True)
-        notes.append("prepare_model_for_kbit_training: non-quantized params upcast to fp32, gradient checkpointing on")
+        quantized = replace(quantized, forces_grad_ckpt=True, reentrant_ckpt=True, input_requires_grad=True)
+        notes.append("prepare_model_for_kbit_training: non-quantized params upcast to fp32, gradient checkpointing on (reentrant)")
     return replace(lora_model(quantized, options, targets, "qlora", training=training), notes=tuple(notes))
 
 
