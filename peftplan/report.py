@@ -18,21 +18,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from .arch import ModelArch
 from .catalog import GPU, load_gpu, load_model
+from .display import COMPONENT_LABELS as DISPLAY_LABELS
 from .estimate import Estimate, estimate
 from .methods import MethodError
 from .training import Training
 from .units import BYTES_PER_GIB, fmt_count, fmt_gib
 
 COMPONENT_LABELS = {
-    "frozen_params": "frozen weights",
-    "trainable_params": "trainable weights",
-    "quant_constants": "quantization constants",
-    "grads": "gradients",
-    "optimizer_state": "optimizer state",
-    "saved_activations": "saved activations",
-    "loss_logits": "logits + loss (fp32)",
-    "temporaries": "temporaries / activation grads",
-    "inputs": "input ids / labels",
+    **DISPLAY_LABELS,  # the estimate table's names, plus the two device-level terms the report stacks
     "reserved_overhead": "allocator reserve (estimate)",
     "cuda_context": "CUDA context",
 }

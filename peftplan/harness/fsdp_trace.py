@@ -38,7 +38,7 @@ from ..arch import ModelArch
 from ..training import Training
 from . import HarnessError, NotTraceable
 from .build import build_model, coerce_options, find_blocks, make_optimizer
-from .trace import (_GEMM_4BIT, BLOCK, MemoryTracker, _inputs, _module_hooks, _patched, _phase_label,
+from .trace import (_GEMM_4BIT, BLOCK, MemoryTracker, _inputs, forward_loss, _module_hooks, _patched, _phase_label,
                     environment)
 
 FSDP_CATEGORIES = ("frozen_params", "trainable_params", "buffers", "quant_constants", "inputs", "grads",
@@ -306,12 +306,7 @@ def _run(model, opt, arch, tracker: FSDPMemoryTracker, fake_mode, training: Trai
                         tracker.track(t, "input", fixed="inputs")
                     tracker.set_phase("forward", step, mb)
                     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                        with amp:
-                            out = model(**batch)
-                            loss = out.loss
-                            if training.grad_accum > 1:
-                                loss = loss / training.grad_accum
-                        del out
+                        loss = forward_loss(model, batch, amp, training.grad_accum)
                         tracker.end_forward()
                         tracker.set_phase("backward", step, mb)
                         loss.backward()

@@ -414,6 +414,8 @@ def run_steps(built: Any, meter: MemoryMeter, training: Any, warmup: int, steps:
     """`warmup + steps` optimizer steps; returns the wall time of every step (seconds)."""
     import torch
 
+    from .trace import forward_loss
+
     model, opt, arch = built.model, built.optimizer, built.arch
     amp = (torch.autocast(meter.device, dtype=torch.bfloat16 if training.compute_dtype.name == "bf16" else torch.float16)
            if training.mixed else contextlib.nullcontext())
@@ -431,12 +433,7 @@ def run_steps(built: Any, meter: MemoryMeter, training: Any, warmup: int, steps:
                 meter.inputs(batch)
                 meter.begin("forward", step, mb)
                 with meter.saving():
-                    with amp:
-                        out = model(**batch)
-                        loss = out.loss if hasattr(out, "loss") else out["loss"]
-                        if training.grad_accum > 1:
-                            loss = loss / training.grad_accum
-                    del out
+                    loss = forward_loss(model, batch, amp, training.grad_accum)
                     meter.end_forward()
                     meter.begin("backward", step, mb)
                     loss.backward()

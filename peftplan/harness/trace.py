@@ -696,6 +696,19 @@ def environment() -> dict[str, str]:
 # ---- the step --------------------------------------------------------------------------------------
 
 
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: Any, grad_accum: int) -> torch.Tensor:
+    """Forward with labels under `amp`; the loss divided by `grad_accum` as the HF Trainer does.
+
+    The model output (logits) goes out of scope on return, before the caller marks the forward's end,
+    exactly as the Trainer drops it. Shared by the CPU tracer, the FSDP2 tracer and the GPU profiler."""
+    with amp:
+        out = model(**batch)
+        loss = out.loss if hasattr(out, "loss") else out["loss"]
+        if grad_accum > 1:
+            loss = loss / grad_accum
+    return loss
+
+
 def _inputs(arch: ModelArch, training: Training, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
     shape = (training.micro_batch, training.seq_len)
     ids = torch.randint(0, arch.vocab_size, shape, generator=gen) if gen is not None else \
@@ -837,12 +850,7 @@ def _steps(built, tracker, ctx, training, steps, emulate_cuda, amp, gen, grad_ha
                         tracker.track(t, "input", fixed="inputs")
                     tracker.set_phase("forward", step, mb)
                     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                        with amp:
-                            out = model(**batch)
-                            loss = out.loss if hasattr(out, "loss") else out["loss"]
-                            if training.grad_accum > 1:
-                                loss = loss / training.grad_accum
-                        del out
+                        loss = forward_loss(model, batch, amp, training.grad_accum)
                         tracker.end_forward()
                         tracker.set_phase("backward", step, mb)
                         loss.backward()
