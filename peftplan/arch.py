@@ -118,6 +118,10 @@ class ModelArch:
     tie_word_embeddings: bool
     max_position_embeddings: int | None
     sliding_window: int | None = None
+    # tanh soft-capping (Gemma 2): scores = cap * tanh(scores / cap) in eager attention, and the same on
+    # the logits before the loss (modeling_gemma2.py eager_attention_forward, Gemma2ForCausalLM.forward).
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     # Modules transformers keeps in fp32 whatever the load dtype (`_keep_in_fp32_modules`; T5's "wo").
     keep_in_fp32: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -166,6 +170,38 @@ class ModelArch:
         for block in self.blocks:
             seen.setdefault(block.stack, None)
         return tuple(seen)
+
+
+# ---- attention implementations ----------------------------------------------------------
+
+# What each model class refuses, from transformers 5.23's class flags (`_supports_sdpa`,
+# `_supports_flash_attn`; PreTrainedModel defaults both to False): modeling_bloom.py sets neither,
+# modeling_gemma2.py sets `_supports_sdpa = False` ("sdpa does not support softcapping"),
+# modeling_t5.py / modeling_mt5.py set `_supports_flash_attn = False`. Families not listed support all three.
+UNSUPPORTED_ATTENTION: dict[str, frozenset[str]] = {
+    "bloom": frozenset({"sdpa", "flash"}),
+    "gemma2": frozenset({"sdpa"}),
+    "t5": frozenset({"flash"}),
+    "mt5": frozenset({"flash"}),
+}
+
+
+def resolve_attention(arch: "ModelArch", requested: str, explicit: bool) -> tuple[str, str | None]:
+    """(implementation transformers runs, note) for `requested` on `arch`.
+
+    transformers 5.23 `PreTrainedModel.get_correct_attn_implementation`: with no request it tries SDPA
+    and falls back to eager when the class does not support it; an explicit request the class does
+    not support raises. peftplan's default (`Training.attention = "sdpa"`) is "no request" unless the
+    user named it (`explicit`); flash is never a default, so an unsupported flash always raises."""
+    unsupported = UNSUPPORTED_ATTENTION.get(arch.model_type, frozenset())
+    if requested not in unsupported:
+        return requested, None
+    if requested == "sdpa" and not explicit:
+        return "eager", (f"{arch.model_type} does not support SDPA in transformers; it falls back to eager "
+                         "attention, as transformers does when no attn_implementation is given")
+    supported = [a for a in ("eager", "sdpa", "flash") if a not in unsupported]
+    raise ArchError(f"{arch.name}: transformers' {arch.model_type} does not support --attn {requested} "
+                    f"(supported: {', '.join(supported)})")
 
 
 # ---- reading config fields ---------------------------------------------------------------
@@ -238,6 +274,10 @@ def _llama_like(name: str, cfg: Mapping[str, Any], family: Family) -> ModelArch:
         final_norms=(Norm("norm", D, False),), head_linears=(), head_extra=(),
         tie_word_embeddings=tie, max_position_embeddings=cfg.get("max_position_embeddings"),
         sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        # Gemma2Config defaults: attn_logit_softcapping 50.0, final_logit_softcapping 30.0 (configuration_gemma2.py);
+        # an explicit null turns either off
+        attn_logit_softcap=cfg.get("attn_logit_softcapping", 50.0) if family == "gemma2" else None,
+        final_logit_softcap=cfg.get("final_logit_softcapping", 30.0) if family == "gemma2" else None,
         config=dict(cfg),
     )
 

@@ -105,7 +105,8 @@ def estimate(
     def run() -> None:
         from .catalog import custom_gpu, load_gpu, load_model
         from .estimate import estimate as core_estimate
-        from .methods import get_method
+        from .arch import resolve_attention
+        from .methods import explicit_grad_ckpt_options, get_method
         from .units import parse_bytes
 
         run_config = None
@@ -131,10 +132,13 @@ def estimate(
             g = custom_gpu(parse_bytes(gpu_memory), g)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
                              optimizer_impl, n_gpus, shard, offload, base=base_training)
+        if attn is not None:
+            resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
         options = {**config_options, **_method_options(
             rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
             double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
-            adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens)}
+            adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens),
+            **explicit_grad_ckpt_options(method_name, grad_ckpt)}
         spec.make_options(options)  # refuse inapplicable options before any work
         est = core_estimate(arch, method_name, training, g, options)
         traced = None

@@ -53,9 +53,22 @@ def _print(result) -> None:  # type: ignore[no-untyped-def]
             t.add_row(row["group"], str(row["count"]), str(row["violations"]), str(row["known_deviations"]),
                       _pct(row["median_error_pct"]), _pct(row["worst_error_pct"]))
         console.print(t)
+    classes = Table(title="known deviation classes of the differential fuzzer (peftplan/harness/fuzz.py)")
+    for col in ("class", "measured", "why"):
+        classes.add_column(col, overflow="fold")
+    for d in _fuzz_classes():
+        classes.add_row(d["name"], d["measured"], d["reason"])
+    console.print(classes)
     verdict = "[green]ok[/green]" if result.ok else f"[red]{len(result.violations)} violation(s)[/red]"
     console.print(f"{len(result.findings)} records checked: {verdict}, {len(result.known_deviations)} known "
                   f"deviation(s); CPU traces held to ±{100 * result.tolerance:g}%, GPU profiles to the envelope")
+
+
+def _fuzz_classes() -> list[dict[str, str]]:
+    """The fuzzer's named known-deviation classes (reason and measured size), for the gate's output."""
+    from .harness.fuzz import KNOWN_DEVIATIONS
+
+    return [{"name": d.name, "measured": d.measured, "reason": d.reason} for d in KNOWN_DEVIATIONS]
 
 
 @app.command()
@@ -84,7 +97,8 @@ def check(
             except ImportError as exc:
                 _fail(f"--html needs the report extra (pip install 'peftplan[report]'): {exc}")
         if as_json:
-            print(json.dumps(result.to_dict(), indent=2, default=str))
+            print(json.dumps({**result.to_dict(), "fuzz_known_deviation_classes": _fuzz_classes()}, indent=2,
+                             default=str))
         else:
             _print(result)
             if html_path is not None:

@@ -125,7 +125,7 @@ def compare(
 
     def run() -> None:
         from .catalog import load_gpu, load_model
-        from .methods import get_method
+        from .methods import explicit_grad_ckpt_options, get_method
         from .training import Training
 
         names = ([model] if model else []) + _split(models, "--models")
@@ -144,9 +144,15 @@ def compare(
         options = _options_by_method(method_list, dict(
             rank=rank, alpha=alpha, targets=targets, quant=quant, double_quant=double_quant,
             lisa_layers=lisa_layers, adapter_size=adapter_size, virtual_tokens=virtual_tokens))
+        for m in method_list:
+            options[m].update(explicit_grad_ckpt_options(m, grad_ckpt))
         fields = {"micro_batch": batch, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt, "attention": attn,
                   "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl}
         training = Training(**{k: v for k, v in fields.items() if v is not None})
+        if attn is not None:
+            from .arch import resolve_attention
+            for a in archs:
+                resolve_attention(a, attn, explicit=True)  # an explicit unsupported kernel is refused
         if precision is not None and precision.startswith("bf16") and not all(g.bf16_supported for g in gpu_list):
             no_bf16 = [g.name for g in gpu_list if not g.bf16_supported]
             sys.stderr.write(f"peftplan: note: {', '.join(no_bf16)} has no bf16: {precision} runs as "

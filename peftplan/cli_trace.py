@@ -108,7 +108,7 @@ def trace(
 
         from .catalog import load_gpu, load_model
         from .estimate import estimate as core_estimate
-        from .methods import get_method
+        from .methods import explicit_grad_ckpt_options, get_method
 
         if model is None:
             _fail("--model is required")
@@ -118,9 +118,13 @@ def trace(
         g = load_gpu(gpu)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
                              optimizer_impl)
+        if attn is not None:
+            from .arch import resolve_attention
+            resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
         options = _method_options(rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
                                   double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
                                   adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens)
+        options.update(explicit_grad_ckpt_options(method_name, grad_ckpt))
         opts = spec.make_options(options)
         if out is not None and Path(out).exists() and not force:
             _fail(f"{out}: exists; use --force to overwrite")

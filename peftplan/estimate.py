@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .arch import ModelArch
+from .arch import ModelArch, resolve_attention
 from .catalog import GPU
 from .engine.flops import StepFlops, step_flops
 from .engine.ops import FlopCount
@@ -184,8 +184,12 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     model, opts = build_tuned(arch, method, options, training)
     effective = training
     assumptions = list(model.notes)
+    attention, attention_note = resolve_attention(arch, training.attention, explicit=False)
+    if attention_note is not None:
+        effective = effective.with_(attention=attention)
+        assumptions.append(attention_note)
     if model.forces_grad_ckpt and not training.grad_ckpt:
-        effective = training.with_(grad_ckpt=True)
+        effective = effective.with_(grad_ckpt=True)
     if training.attention == "flash":
         assumptions.append("flash attention memory modelled as SDPA's flash kernel (saves q, k, v, out, logsumexp)")
     counted = FlopCount()

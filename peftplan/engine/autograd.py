@@ -87,6 +87,7 @@ class Tape:
     stop_after: int | None = None  # recompute: stop once this many saving nodes are recorded
     saving_nodes: list[Node] = field(default_factory=list)
     _pending: dict[int, Tensor] = field(default_factory=dict)  # id(param) -> grad waiting in its InputBuffer
+    _sums: list[tuple[Param, Tensor]] = field(default_factory=list)  # tied-leaf sums waiting for their node's end
     _uses: dict[int, int] = field(default_factory=dict)  # id(leaf tensor) -> uses not yet back-propagated
 
     # ---- forward helpers --------------------------------------------------------------
@@ -153,11 +154,11 @@ class Tape:
                 # `can_accumulate_inplace` refuses tensor-subclass-like inputs, so under the tracer's
                 # FakeTensors the sum is out of place (old + incoming + sum alive at once); on plain
                 # CUDA tensors it would add in place (one param-sized tensor less). Matches the trace.
+                # torch/csrc/autograd/engine.cpp evaluate_function: the node's own gradient inputs die when
+                # call_function returns, before its outputs are added into the next InputBuffers, so the
+                # sum is allocated after this node's output gradients are freed (Tape._finish_sums)
                 incoming = self.alloc.new(param.numel, param.dtype, "temporaries", count=param.grad_count)
-                total = self.alloc.new(param.numel, param.dtype, "grads", count=param.grad_count)
-                self.alloc.release(param.grad)
-                self.alloc.release(incoming)
-                param.grad = total
+                self._sums.append((param, incoming))
             return
         # the tracer files vocabulary-wide tensors (logits, their fp32 upcast, log-softmax and their
         # gradients) under loss_logits; every other gradient is a temporary
@@ -179,6 +180,16 @@ class Tape:
         else:
             self.grads[id(t)] = self.alloc.new(t.numel, t.dtype, cat)
             self.alloc.spike(scratch)
+
+    def _finish_sums(self) -> None:
+        """The out-of-place sums of a tied leaf's two gradients (see `_grad_for`), after the node's
+        gradient inputs are freed: old + incoming + sum alive at once, then old and incoming die."""
+        for param, incoming in self._sums:
+            total = self.alloc.new(param.numel, param.dtype, "grads", count=param.grad_count)
+            self.alloc.release(param.grad)
+            self.alloc.release(incoming)
+            param.grad = total
+        self._sums.clear()
 
     def _accumulate(self, t: Tensor, param: Param) -> None:
         """Gradient accumulation: `param.grad` survives from the previous micro-batch.
@@ -251,10 +262,12 @@ class Tape:
                 gr = self.grads.pop(id(out), None)
                 if gr is not None:
                     self.alloc.release(gr)
+            self._finish_sums()
             if g is not None and g.saving_nodes and node is g.saving_nodes[0]:
                 for t in g.keep:  # the last holder of the layer is gone: the frame and its args die
                     self.alloc.release(t)
                 g.keep = []
+        self._finish_sums()
         kept = self.grads.pop(id(keep), None) if keep is not None else None
         for g in self.grads.values():
             self.alloc.release(g)

@@ -63,6 +63,22 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
             state = r(rows, FP32) + r(cols, FP32)
         else:
             state = r(numel, FP32)
-        # Adafactor.step: grad.float(), update = grad**2 + eps, then the update itself: fp32 copies
-        return OptimizerCost(state, 0, 2 * r(numel, FP32))
+        # transformers optimization.py Adafactor.step, per parameter: `update = (grad**2) + eps` (the pow and
+        # the sum alive together), then `_approx_sq_grad` builds the next update while the first is alive:
+        # two fp32 parameter-sized tensors; a 16-bit parameter adds `grad.float()` and `p.float()` copies
+        # alive through its whole update. The previous parameter's `update` is freed only when this one's
+        # is assigned (adafactor_step_scratch).
+        copies = 2 * r(numel, FP32) if dtype.bits < 32 else 0
+        return OptimizerCost(state, 0, 2 * r(numel, FP32) + copies)
     raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def adafactor_step_scratch(numels: list[int], costs: list[OptimizerCost]) -> int:
+    """Peak scratch of transformers' Adafactor.step over parameters updated in `numels` order: one
+    parameter's own temporaries plus the previous parameter's fp32 `update`, which the Python loop
+    variable keeps alive until the next `update = (grad**2) + eps` is assigned (optimization.py)."""
+    peak, previous_update = 0, 0
+    for numel, cost in zip(numels, costs):
+        peak = max(peak, previous_update + cost.scratch_bytes)
+        previous_update = rounded(FP32.bytes_for(numel))
+    return peak

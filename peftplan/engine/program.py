@@ -72,6 +72,15 @@ def hidden_dropout(arch: ModelArch) -> float:
                  arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)
 
 
+def attention_dropout(arch: ModelArch) -> float:
+    """Dropout on the attention probabilities (eager attention; SDPA applies it inside its kernel):
+    gpt2 attn_pdrop, bert/roberta attention_probs_dropout_prob, t5 dropout_rate (T5Attention), the
+    others' attention_dropout (modeling_*.py eager_attention_forward `dropout(attn_weights, p=...)`)."""
+    keys = {"gpt2": "attn_pdrop", "bert": "attention_probs_dropout_prob", "t5": "dropout_rate"}
+    key = keys.get(arch.family, "attention_dropout")
+    return float(arch.config.get(key, 0.0) or 0.0)
+
+
 def embeddings_out(ctx: Ctx, arch: ModelArch, h: Tensor, params: "ModelParams") -> Tensor:
     """What the embedding module does after the lookups (and position adds); consumes `h`.
 
@@ -123,9 +132,15 @@ def tuned_linear(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
     lin = t.linear
     tape = ctx.tape
     x_in = x
+    vector = _ia3_scaling(ctx, lp) if t.ia3 else None
     if t.ia3 == "in":
-        # peft ia3 Linear.forward (feed-forward): x = x * ia3_l; mul saves x for the vector's grad
-        x_in = mul(ctx, cast(ctx, x, x.dtype), tape.param_tensor(lp.ia3))  # type: ignore[arg-type]
+        # peft 0.21 ia3 Linear.forward (feed-forward): x = x.to(ia3 dtype); interm = (x * scaling).to(x's
+        # dtype). mul saves the upcast x for the vector's grad and the scaling for x's grad.
+        x_up = cast(ctx, x, vector.dtype)  # type: ignore[union-attr]
+        prod = mul(ctx, x_up, vector)  # type: ignore[arg-type]
+        tape.drop(x_up)
+        x_in = cast(ctx, prod, x.dtype)
+        tape.drop(prod)
     if t.quant is not None:
         result = _quantized_base(ctx, x_in, lp)
     else:
@@ -133,12 +148,23 @@ def tuned_linear(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
     if x_in is not x:
         tape.drop(x_in)
     if t.ia3 == "out":
-        scaled = mul(ctx, result, tape.param_tensor(lp.ia3))  # type: ignore[arg-type]
+        # peft 0.21 ia3 Linear.forward: result = (result * scaling).to(result.dtype); the product is
+        # promoted to the vector's dtype (fp32 adapters) and cast back, so activations keep their dtype.
+        prod = mul(ctx, result, vector)  # type: ignore[arg-type]
         tape.drop(result)
-        result = scaled
+        result = cast(ctx, prod, result.dtype)
+        tape.drop(prod)
+    if vector is not None:
+        tape.drop(vector)
     if t.lora_rank:
         result = _lora(ctx, x, result, lp)
     return result
+
+
+def _ia3_scaling(ctx: Ctx, lp: LinearParams) -> Tensor:
+    """peft 0.21 ia3 Linear.forward: `ia3_scaling = 1; ia3_scaling *= ia3_l.flatten()` makes a new
+    tensor the size of the vector (int * tensor); the elementwise mul saves it for the input's grad."""
+    return elementwise(ctx, "mul_scalar", ctx.tape.param_tensor(lp.ia3), save_inputs=False)  # type: ignore[arg-type]
 
 
 def _quantized_base(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
@@ -170,18 +196,18 @@ def _lora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
     # peft lora/layer.py Linear.forward: `x = self._cast_input_dtype(x, lora_A.weight.dtype)` (per adapter);
     # under FSDP2 mixed precision that weight is the all-gathered compute-dtype copy (tuned.lora_forward_dtype)
     xa = cast(ctx, x, t.lora_forward_dtype or t.lora_dtype)
-    xd = _dropout(ctx, xa, t.lora_dropout)
-    tape.drop(xa)
-    a = linear(ctx, xd, lp.lora_a, None, t.lora_rank)
-    tape.drop(xd)
-    b = linear(ctx, a, lp.lora_b, None, lin.out_features)
-    tape.drop(a)
     if t.dora:
-        lora_out = _dora(ctx, x, base_out, b, lp)
-        tape.drop(b)
+        lora_out = _dora(ctx, xa, base_out, lp)
+        tape.drop(xa)
         out = add(ctx, base_out, lora_out)
         tape.drop(base_out, lora_out)
     else:
+        xd = _dropout(ctx, xa, t.lora_dropout)
+        tape.drop(xa)
+        a = linear(ctx, xd, lp.lora_a, None, t.lora_rank)
+        tape.drop(xd)
+        b = linear(ctx, a, lp.lora_b, None, lin.out_features)
+        tape.drop(a)
         s = scale(ctx, b)
         tape.drop(b)
         out = add(ctx, base_out, s)
@@ -217,31 +243,86 @@ def _lora_bnb_autocast(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) 
     return out
 
 
-def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lora_result: Tensor, lp: LinearParams) -> Tensor:
-    """peft DoraLinearLayer.forward: weight norm of W + s*BA (detached) and the magnitude rescale.
+def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
+    """peft 0.21 DoraLinearVariant.forward + DoraLinearLayer.forward on `x` (already cast to the adapter
+    dtype); returns result_dora, which the caller adds to the base output.
 
-    Temporaries: B@A (out x in), W cast to x's dtype, W + s*BA and its norm, all freed before the
-    activations; saved: base_result and lora_result for the magnitude's gradient.
+    In order: `x = dropout(x)` and `base_result = None` when dropout is active (else base_result is the
+    base output); `get_lora_weight`: lora_B(lora_A(eye(in))) — the identity, its product with A and
+    the (in x out) product, all alive until the function returns (their graph dies with the local
+    variable, the norm uses them detached); `weight.to(x.dtype)` (a copy unless the base already has
+    x's dtype; a 4-bit base is dequantized first); `get_weight_norm`: `weight + scaling * lora_weight`
+    (two weight-sized temporaries, freed on return); `lora_result = lora_B(lora_A(x))`; without a
+    base_result, `F.linear(x, weight)` recomputes it on the dropped x; then
+    `(mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling`, whose products save
+    base_result and lora_result for the magnitude's gradient.
     """
     tape = ctx.tape
-    lin = lp.tuned.linear
-    # DoraLinearLayer.get_lora_weight: lora_B(lora_A(eye(in))) — two forward matmuls whose result is
-    # only used detached (no backward)
-    count_matmul(2 * lin.in_features * lin.in_features * lp.tuned.lora_rank
-                 + 2 * lin.in_features * lp.tuned.lora_rank * lin.out_features, False, False)
-    wdt = x.dtype if x.dtype.bits >= 16 else FP32
-    lora_weight = tape.new(lin.weight_numel, wdt, False, "dora_lora_weight")
-    weight = tape.new(lin.weight_numel, wdt, False, "dora_weight")
-    summed = tape.new(lin.weight_numel, wdt, False, "dora_w_plus_ba")
-    tape.drop(summed, weight, lora_weight)
-    mag = tape.param_tensor(lp.magnitude)  # type: ignore[arg-type]
+    t = lp.tuned
+    lin = t.linear
+    assert lp.lora_a is not None and lp.lora_b is not None and lp.magnitude is not None
+    n_in, n_out, r = lin.in_features, lin.out_features, t.lora_rank
+    adapter_dtype = t.lora_forward_dtype or t.lora_dtype or FP32
+    xd = _dropout(ctx, x, t.lora_dropout)
+    recompute_base = t.lora_dropout > 0
+    # get_lora_weight: two forward matmuls whose result is only used detached (FLOPs, no backward)
+    count_matmul(2 * n_in * n_in * r + 2 * n_in * r * n_out, False, False)
+    mm = ctx.autocast or adapter_dtype  # the dtype the adapter matmuls run in
+    # get_lora_weight's local identity; lora_A saves it for its weight's gradient unless autocast casts it
+    # (then the cast copy is saved and the identity dies when get_lora_weight returns)
+    eye = tape.new(n_in * n_in, adapter_dtype, False, "dora_eye")
+    temps = [eye] if mm == adapter_dtype else [tape.new(n_in * n_in, mm, False, "dora_eye_cast")]
+    temps.append(tape.new(n_in * r, mm, False, "dora_eye_a"))  # saved by lora_B
+    lora_weight = tape.new(n_in * n_out, mm, False, "dora_lora_weight")
+    if mm != adapter_dtype:
+        tape.drop(eye)
+    if mm != x.dtype:  # `lora_weight = lora_weight.to(x.dtype)` rebinds: the matmul output dies
+        temps.append(tape.new(n_in * n_out, x.dtype, False, "dora_lora_weight_cast"))
+        tape.drop(lora_weight)
+    else:
+        temps.append(lora_weight)
+    weight_x: Tensor | None = None  # the base weight as x's dtype, when that is a new tensor
+    if t.quant is not None:  # dequantize_module_weight: the 4-bit base dequantized to its compute dtype
+        weight_x = tape.new(lin.weight_numel, ctx.autocast or x.dtype, False, "dora_dequantized")
+        if weight_x.dtype != x.dtype:  # `weight = weight.to(x.dtype)` rebinds: the dequantized copy dies
+            deq, weight_x = weight_x, tape.new(lin.weight_numel, x.dtype, False, "dora_weight")
+            tape.drop(deq)
+    elif lp.weight.dtype != x.dtype:
+        weight_x = tape.new(lin.weight_numel, x.dtype, False, "dora_weight")
+    if weight_x is not None:
+        temps.append(weight_x)
+    # get_weight_norm: scaling * lora_weight, then weight + it; both die on return (the norm is tiny)
+    scaled_lw = tape.new(n_in * n_out, x.dtype, False, "dora_scaled_lora_weight")
+    summed = tape.new(lin.weight_numel, x.dtype, False, "dora_w_plus_ba")
+    tape.drop(scaled_lw, summed)
+    a = linear(ctx, xd, lp.lora_a, None, r)
+    b = linear(ctx, a, lp.lora_b, None, n_out)
+    tape.drop(a)
+    if recompute_base:
+        # F.linear(x, weight): a frozen weight, so only the input's gradient needs the (cast) weight
+        wsrc = weight_x if weight_x is not None else tape.param_tensor(lp.weight)
+        xc = cast(ctx, xd, ctx.autocast) if ctx.autocast is not None else tape.alloc.retain(xd)
+        wc = cast(ctx, wsrc, ctx.autocast) if ctx.autocast is not None else tape.alloc.retain(wsrc)
+        base_result = tape.new(ctx.tokens * n_out, ctx.autocast or promote(xc.dtype, wc.dtype), xc.requires_grad,
+                               "dora_base_result")
+        count_matmul(2 * xc.numel * n_out, xc.requires_grad, False)
+        tape.record("linear", [xc, wc], [base_result], [None, wc if xc.requires_grad else None])
+        tape.drop(xc, wc)
+    else:
+        base_result = tape.alloc.retain(base_out)
+    tape.drop(xd)
+    mag = tape.param_tensor(lp.magnitude)
     # (mag_norm_scale - 1) * base_result + mag_norm_scale * lora_result * scaling
-    left = elementwise(ctx, "mul", mag, base_out, numel=base_out.numel, out_dtype=base_out.dtype)
-    right = elementwise(ctx, "mul", mag, lora_result, numel=lora_result.numel, out_dtype=lora_result.dtype)
+    left = elementwise(ctx, "mul", mag, base_result, numel=base_result.numel,
+                       out_dtype=promote(mag.dtype, base_result.dtype))
+    tape.drop(base_result)
+    right = elementwise(ctx, "mul", mag, b, numel=b.numel, out_dtype=promote(mag.dtype, b.dtype))
+    tape.drop(b)
     right_s = scale(ctx, right)
     tape.drop(right)
     out = add(ctx, left, right_s)
     tape.drop(left, right_s)
+    tape.drop(*temps)  # get_lora_weight's tensors and the weight copy die when the function returns
     return out
 
 
@@ -352,8 +433,16 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         groups = H // K
         kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
         vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
+        if groups > 1:
+            # repeat_kv (expand + reshape: a copy); its backward sums the copies' gradients back into k/v's.
+            # Unrecorded, the copies' gradients stayed alive to the end of backward (+2.45% on llama3.2-1b
+            # full bf16 eager + checkpointing, whose peak is there)
+            tape.record("repeat_kv", [kc], [kr], [])
+            tape.record("repeat_kv", [vc], [vr], [])
         scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
         tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
+        if arch.attn_logit_softcap is not None:
+            scores = _softcap(ctx, scores)
         # eager matmuls: each backward half runs only for an operand that requires grad
         c = ops.COUNTER[0]
         if c is not None:
@@ -363,11 +452,18 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         masked = tape.new(scores.numel, dt, rg, "masked_scores")
         tape.record("add_mask", [scores], [masked], [])
         tape.drop(scores)
-        probs32 = tape.new(masked.numel, FP32, rg, "softmax_fp32")
+        # llama-like, opt and bloom call softmax(..., dtype=torch.float32); gpt2, bert/roberta and t5 call
+        # softmax(attn_weights) (modeling_*.py eager_attention_forward): fp32 only under autocast, whose
+        # fp32 op list holds softmax
+        upcast = ctx.autocast is not None or arch.family not in ("gpt2", "bert", "t5")
+        probs32 = tape.new(masked.numel, FP32 if upcast else dt, rg, "softmax_fp32")
         tape.record("softmax", [masked], [probs32], [probs32])
         tape.drop(masked)
         probs = cast(ctx, probs32, dt)
         tape.drop(probs32)
+        dropped = _dropout(ctx, probs, attention_dropout(arch))  # saves its bool mask
+        tape.drop(probs)
+        probs = dropped
         out = tape.new(qc.numel, dt, rg or vr.requires_grad, "attn_out")
         tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None,
                                                     hold if probs.requires_grad else None])
@@ -648,15 +744,35 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
     return h2
 
 
+def _softcap(ctx: Ctx, x: Tensor) -> Tensor:
+    """Gemma 2 soft-capping, `x / cap; tanh; * cap` (modeling_gemma2.py): three new tensors of x's size,
+    each freeing its input; tanh saves its output for backward. Consumes `x`."""
+    div = elementwise(ctx, "div_scalar", x, save_inputs=False)
+    ctx.tape.drop(x)
+    t = elementwise(ctx, "tanh", div, save_inputs=False, save_output=True)
+    ctx.tape.drop(div)
+    out = elementwise(ctx, "mul_scalar", t, save_inputs=False)
+    ctx.tape.drop(t)
+    return out
+
+
 def loss_forward(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, vocab: int, label_tokens: int) -> Tensor:
-    """lm_head, fp32 upcast of the logits, cross-entropy (log_softmax saves its fp32 output)."""
+    """lm_head, fp32 upcast of the logits, cross-entropy (log_softmax saves its output).
+
+    Causal LMs: ForCausalLMLoss upcasts (loss/loss_utils.py `logits = logits.float()`). BERT/RoBERTa MLM
+    and T5 call `CrossEntropyLoss()` on the logits as they are (modeling_bert.py, modeling_t5.py): in
+    pure half precision log_softmax runs in half; under autocast log_softmax is on CUDA autocast's
+    fp32 list, which casts its input to fp32 just as `.float()` does."""
     tape = ctx.tape
     logits = linear(ctx, h, head, None, vocab)
-    logits32 = cast(ctx, logits, FP32)
+    if arch.final_logit_softcap is not None:
+        logits = _softcap(ctx, logits)
+    loss_dtype = FP32 if arch.task == "causal-lm" or ctx.autocast is not None else logits.dtype
+    logits32 = cast(ctx, logits, loss_dtype)
     tape.drop(logits)  # Trainer.compute_loss keeps only the loss: the half logits die here
     if logits32.category != "saved_activations":
         tape.alloc.recategorize(logits32, "loss_logits")
-    lsm = tape.new(logits32.numel, FP32, logits32.requires_grad, "log_softmax")
+    lsm = tape.new(logits32.numel, loss_dtype, logits32.requires_grad, "log_softmax")
     tape.alloc.recategorize(lsm, "loss_logits")
     tape.record("log_softmax", [logits32], [lsm], [lsm])
     tape.drop(logits32)

@@ -21,7 +21,7 @@ from ..tuned import TunedModel
 from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
 from . import ops
 from .ops import Ctx, cast, linear
-from .optimizers import tensor_cost
+from .optimizers import OptimizerCost, adafactor_step_scratch, tensor_cost
 from .program import (BlockParams, LinearParams, ModelParams, block_forward, embeddings_out, head_transform,
                       loss_forward, stack_end, virtual_prompt)
 from .sim import Allocator, Peak, Tensor, rounded
@@ -326,7 +326,9 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
              for p in trainables] if plan is None else sharding.optimizer_costs(plan, trainables, shapes)
     state_bytes = sum(c.state_bytes for c in costs)
     paged = sum(c.paged_bytes for c in costs)
-    if training.optimizer_impl == "foreach":
+    if training.optimizer == "adafactor":  # one implementation, whatever optimizer_impl says
+        step_scratch = adafactor_step_scratch(*_in_optimizer_order(trainables, costs, shapes))
+    elif training.optimizer_impl == "foreach":
         step_scratch = sum(c.scratch_bytes for c in costs)
     elif training.optimizer_impl == "for-loop":
         step_scratch = max((c.scratch_bytes for c in costs), default=0) * 2
@@ -362,6 +364,18 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
             plan.zero_grad(alloc)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
                       state_bytes, paged, plan.host_bytes if plan is not None else 0)
+
+
+def _in_optimizer_order(trainables: list[Param], costs: list["OptimizerCost"],
+                        shapes: dict[int, tuple[int, int]]) -> tuple[list[int], list["OptimizerCost"]]:
+    """Numels and costs in the order the optimizer updates them: HF Trainer's two parameter groups,
+    weight-decayed matrices first, then biases and norm weights (`get_decay_parameter_names`; the
+    harness's make_optimizer), each in module order. 2-D tensors (those with a shape here) stand for the
+    first group; the rest (biases, norms, 1-D vectors) for the second."""
+    decay = [(p.numel, c) for p, c in zip(trainables, costs) if id(p) in shapes]
+    rest = [(p.numel, c) for p, c in zip(trainables, costs) if id(p) not in shapes]
+    ordered = decay + rest
+    return [n for n, _ in ordered], [c for _, c in ordered]
 
 
 def _param_shapes(params: ModelParams, arch: ModelArch | None = None) -> dict[int, tuple[int, int]]:

@@ -648,7 +648,8 @@ def build_meta(arch: ModelArch, method: str, options: Any = None, training: Trai
         kbit_prep = bool(getattr(opts, "kbit_prep", False))
         if kbit_prep:
             import peft
-            peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+            peft.prepare_model_for_kbit_training(
+                base, use_gradient_checkpointing=bool(getattr(opts, "kbit_grad_ckpt", True)))
         if training.grad_ckpt and not _gc_info(base)["grad_ckpt"]:
             if tuned.method == "prefix":
                 raise NotTraceable("peft refuses prefix tuning with gradient checkpointing")

@@ -54,7 +54,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..arch import ModelArch
+from ..arch import ModelArch, resolve_attention
 from ..training import Training
 from . import HarnessError, NotTraceable
 from .build import BNB_GEMM_4BIT_CUSTOM_MAX_M, BuiltModel, build_model, coerce_options, options_dict
@@ -725,6 +725,8 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
     peaks are directly comparable. `record_events` keeps every allocation/free and the ordered list
     of tensors saved for backward (with the producing op, module, shape and dtype)."""
     training = training or Training()
+    attention, _ = resolve_attention(arch, training.attention, explicit=False)  # as estimate() resolves it
+    training = training.with_(attention=attention)
     if steps < 1:
         raise HarnessError("steps must be >= 1")
     opts = coerce_options(method, options)

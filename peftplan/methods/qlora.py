@@ -30,6 +30,9 @@ class QLoraOptions(LoraOptions):
         "help": "bnb_4bit_use_double_quant: absmax as uint8 in blocks of 256 (QLoRA paper; BitsAndBytesConfig default is False)"})
     kbit_prep: bool = field(default=True, metadata={
         "help": "run peft.prepare_model_for_kbit_training: fp32 upcast of non-4-bit params + gradient checkpointing"})
+    kbit_grad_ckpt: bool = field(default=True, metadata={
+        "help": "prepare_model_for_kbit_training(use_gradient_checkpointing=...): peft's default True turns "
+                "checkpointing on (reentrant, with input grads); an explicit --no-grad-ckpt sets it False"})
 
 
 def build(arch: ModelArch, options: QLoraOptions, training: Training) -> TunedModel:
@@ -55,9 +58,14 @@ def build(arch: ModelArch, options: QLoraOptions, training: Training) -> TunedMo
 
     quantized = replace_blocks(base, quantize)
     notes = ["bitsandbytes quantizes block linears only; embeddings, norms and lm_head stay unquantized"]
-    if options.kbit_prep:
+    if options.kbit_prep and options.kbit_grad_ckpt:
+        # peft utils/other.py prepare_model_for_kbit_training: with use_gradient_checkpointing=True it calls
+        # enable_input_require_grads() and gradient_checkpointing_enable(use_reentrant=True by default)
         quantized = replace(quantized, forces_grad_ckpt=True, reentrant_ckpt=True, input_requires_grad=True)
         notes.append("prepare_model_for_kbit_training: non-quantized params upcast to fp32, gradient checkpointing on (reentrant)")
+    elif options.kbit_prep:
+        notes.append("prepare_model_for_kbit_training(use_gradient_checkpointing=False): non-quantized params "
+                     "upcast to fp32, no gradient checkpointing")
     return replace(lora_model(quantized, options, targets, "qlora", training=training), notes=tuple(notes))
 
 

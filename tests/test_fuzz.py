@@ -1,0 +1,62 @@
+"""A bounded, seeded sample of the differential fuzzer (peftplan/harness/fuzz.py) in the default test run.
+
+Each example draws a configuration from the whole option space (catalog family at real width and 1-3
+layers, method and options, precision, optimizer and implementation, attention, checkpointing, gradient
+accumulation, quantization, batch and sequence), estimates it with the engine and traces the real HF +
+peft step under fake tensors: the engine must be within 1% of the trace, refuse exactly what the stack
+refuses, or fall in a named known-deviation class. A failure is shrunk by hypothesis to a minimal case.
+
+The seed is random per run and printed in the failure message and the terminal summary; set
+PEFTPLAN_FUZZ_SEED to reproduce a run, PEFTPLAN_FUZZ_EXAMPLES to change its size (default 30,
+about a minute on two cores). benchmarks/fuzz_vs_trace.py runs thousands of examples.
+"""
+
+import os
+import random
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+hypothesis = pytest.importorskip("hypothesis")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+from peftplan.harness import fuzz  # noqa: E402
+
+SEED = int(os.environ.get("PEFTPLAN_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+EXAMPLES = int(os.environ.get("PEFTPLAN_FUZZ_EXAMPLES", "30"))
+
+
+@hypothesis.seed(SEED)
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(fuzz.cases())
+def test_engine_matches_trace_on_random_configurations(case):
+    out = fuzz.run_case(case)
+    assert fuzz.is_acceptable(out), (
+        f"PEFTPLAN_FUZZ_SEED={SEED}: {out.verdict}"
+        + (f" {100 * out.error:+.3f}%" if out.error is not None else "")
+        + f" engine={out.engine_bytes} trace={out.trace_bytes} engine_refusal={out.engine_refusal!r} "
+          f"trace_refusal={out.trace_refusal!r} trace_error={out.trace_error!r}\ncase: {case.label()}")
+
+
+def test_known_deviation_classes_are_named_and_measured():
+    names = [d.name for d in fuzz.KNOWN_DEVIATIONS]
+    assert len(names) == len(set(names))
+    for d in fuzz.KNOWN_DEVIATIONS:
+        assert d.reason and d.measured and "%" in d.measured
+
+
+def test_a_refusal_only_the_engine_makes_is_not_acceptable():
+    case = fuzz.FuzzCase("llama3.2-1b", 1, "lora", {}, {"micro_batch": 1, "seq_len": 8})
+    both = fuzz.FuzzOutcome(case, engine_refusal="x", trace_refusal="y")
+    engine_only = fuzz.FuzzOutcome(case, engine_refusal="x", trace_bytes=100)
+    trace_only = fuzz.FuzzOutcome(case, engine_bytes=100, trace_refusal="y")
+    off = fuzz.FuzzOutcome(case, engine_bytes=102, trace_bytes=100)
+    near = fuzz.FuzzOutcome(case, engine_bytes=1005, trace_bytes=1000)
+    broken = fuzz.FuzzOutcome(case, engine_bytes=100, trace_error="RuntimeError: tracer")
+    assert fuzz.is_acceptable(both) and fuzz.is_acceptable(near)
+    assert not any(fuzz.is_acceptable(o) for o in (engine_only, trace_only, off, broken))
+    assert off.verdict == "deviation" and broken.verdict == "trace-error"
