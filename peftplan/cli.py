@@ -63,10 +63,11 @@ def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: in
     fields = dict(base or {})
     fields.update({k: v for k, v in given.items() if v is not None})
     spec = get_trainer(trainer or fields.get("trainer") or CLI_DEFAULT_TRAINER)
-    spec.check_options(trainer_options)
+    switches = tuple(dict.fromkeys((*fields.get("trainer_options", ()), *trainer_options)))
+    spec.check_options(switches)
     fields = spec.apply_defaults(fields)
     fields["trainer"] = spec.name
-    fields["trainer_options"] = tuple(trainer_options)
+    fields["trainer_options"] = switches
     if fields.get("precision") is None:
         fields["precision"] = "bf16-mixed" if gpu_bf16 else "fp16-mixed"
     elif str(fields["precision"]).startswith("bf16") and not gpu_bf16:

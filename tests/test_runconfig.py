@@ -249,11 +249,12 @@ TRAINING_ARGS = {
 
 def test_training_arguments_json(tmp_path):
     run = load_run_config(write(tmp_path, "training_args.json", TRAINING_ARGS))
-    assert run.source_format == "training-args"
+    # max_length / packing / dataset_text_field are SFTConfig's: a TRL file, run by the trl trainer
+    assert run.source_format == "trl-sftconfig"
     assert run.model is None and run.method is None  # plain TrainingArguments say nothing about the method
-    assert run.training == {"micro_batch": 2, "grad_accum": 16, "seq_len": 2048, "grad_ckpt": True,
-                            "precision": "bf16-mixed", "optimizer": "paged-adamw-8bit"}
-    assert "learning_rate" in run.ignored_keys() and "packing" in run.ignored_keys()
+    assert run.training == {"trainer": "trl", "micro_batch": 2, "grad_accum": 16, "seq_len": 2048,
+                            "grad_ckpt": True, "precision": "bf16-mixed", "optimizer": "paged-adamw-8bit"}
+    assert "learning_rate" in run.ignored_keys() and "packing" in keys(run.read)
     accounted(run, TRAINING_ARGS)
     Training(**run.training)
 
@@ -265,7 +266,9 @@ def test_transformers5_activation_checkpointing_and_sgd_momentum(tmp_path):
             "optim_args": "momentum=0.9,nesterov=True", "bf16": False, "fp16": False, "use_cache": False,
             "hub_token": "<HUB_TOKEN>", "torch_empty_cache_steps": 10}
     run = load_run_config(write(tmp_path, "args.json", args))
-    assert run.training == {"micro_batch": 1, "grad_ckpt": True, "optimizer": "sgd-momentum", "precision": "fp32"}
+    assert run.source_format == "training-args"  # no SFTConfig key: the bare transformers Trainer
+    assert run.training == {"trainer": "hf", "micro_batch": 1, "grad_ckpt": True, "optimizer": "sgd-momentum",
+                            "precision": "fp32"}
     assert "gradient_checkpointing" in run.ignored_keys() and "optim_args" in keys(run.read)
     assert not any("<HUB_TOKEN>" in line for line in run.describe())
     accounted(run, args)
@@ -279,7 +282,7 @@ def test_trl_recipe_with_model_config(tmp_path):
               "lora_target_modules: all-linear\nper_device_train_batch_size: 4\nmax_seq_length: 1024\n"
               "bf16: true\ngradient_checkpointing: true\nlearning_rate: 2.0e-4\n")
     run = load_run_config(write(tmp_path, "config_qlora.yaml", recipe))
-    assert run.source_format == "training-args"
+    assert run.source_format == "trl-sftconfig" and run.training["trainer"] == "trl"
     assert run.model == "mistral-7b" and run.method == "qlora"
     assert run.options == {"quant": "nf4", "double_quant": False, "rank": 16, "alpha": 32, "dropout": 0.05,
                            "targets": "all-linear"}  # TRL ModelConfig defaults for the absent lora_* keys

@@ -1,6 +1,6 @@
 """Read a training run's own config file and turn it into peftplan's model / method / options / training.
 
-Three formats are recognised (`load_run_config` detects which):
+Four formats are recognised (`load_run_config` detects which):
 
 - **axolotl** YAML (`base_model`, `adapter`, `lora_r`, `micro_batch_size`, `sequence_len`, ...). Key names and
   defaults follow axolotl's config reference (docs/config-reference.qmd) and its model loader
@@ -10,7 +10,8 @@ Three formats are recognised (`load_run_config` detects which):
   defaults (micro_batch_size 1, sequence_len 512, gradient_accumulation_steps 1, optimizer adamw_torch_fused,
   bf16 auto, gradient_checkpointing off).
 - **peft** `adapter_config.json` (`peft_type`, `r`, `lora_alpha`, `target_modules`, `num_virtual_tokens`, ...).
-- **training arguments**: a transformers `TrainingArguments` / TRL `SFTConfig` dump (`to_json_string()`), JSON or
+- **training arguments** / **TRL SFTConfig** (format "training-args" or "trl-sftconfig", which sets the trainer):
+  a transformers `TrainingArguments` / TRL `SFTConfig` dump (`to_json_string()`), JSON or
   YAML, optionally with TRL's `ModelConfig` keys (`model_name_or_path`, `use_peft`, `lora_r`, `load_in_4bit`, ...)
   as TRL recipes write them. Optimizer names are transformers' `OptimizerNames` values.
 
@@ -28,7 +29,7 @@ from .axolotl import _map_axolotl
 from .peft_adapter import _map_peft
 from .reader import FORMATS, RunConfig, RunConfigError, _parse, _Reader
 from .shared import OPTIMIZER_MAP
-from .training_args import _map_training_args
+from .training_args import _map_training_args, is_sft_config
 
 __all__ = ["RunConfig", "RunConfigError", "load_run_config", "OPTIMIZER_MAP", "FORMATS"]
 
@@ -56,7 +57,9 @@ def load_run_config(path: str) -> RunConfig:
     elif fmt == "axolotl":
         _map_axolotl(reader)
     else:
-        _map_training_args(reader)
+        trl = is_sft_config(data)
+        fmt = "trl-sftconfig" if trl else fmt
+        _map_training_args(reader, trl)
     return reader.finish(fmt)
 
 

@@ -1,6 +1,13 @@
 """Read a transformers `TrainingArguments` / TRL `SFTConfig` dump (`to_json_string()`, JSON or YAML), optionally
 with TRL's `ModelConfig` keys (`model_name_or_path`, `use_peft`, `lora_r`, `load_in_4bit`, ...) as TRL recipes
-write them. Optimizer names are transformers' `OptimizerNames` values."""
+write them. Optimizer names are transformers' `OptimizerNames` values.
+
+A file with any key only TRL has (`SFTCONFIG_KEYS`: SFTConfig's own fields, or ModelConfig's as `trl sft --config`
+takes them) is read as TRL's (format "trl-sftconfig", trainer "trl"); a plain TrainingArguments dump is the bare
+transformers Trainer (format "training-args", trainer "hf"). SFTConfig's defaults that differ from
+TrainingArguments (gradient_checkpointing, bf16) are the trl trainer's defaults (peftplan/trainers/trl.py) and
+apply to what the file leaves unset.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,22 @@ from .reader import _Reader
 from .shared import (MEMORY_NOT_MODELLED, TRAINS_BASE_WEIGHTS, _DTYPES, _generic_reason, _is_empty,
                      _map_attn_implementation, _map_optimizer, _precision)
 
-def _map_training_args(r: _Reader) -> None:
+# trl 1.16 sft_config.py SFTConfig fields (not in TrainingArguments) and model_config.py ModelConfig fields
+SFTCONFIG_KEYS = ("max_length", "max_seq_length", "packing", "padding_free", "packing_strategy", "eval_packing",
+                  "completion_only_loss", "assistant_only_loss", "dataset_text_field", "dataset_kwargs",
+                  "dataset_num_proc", "model_init_kwargs", "activation_offloading", "pad_to_multiple_of",
+                  "use_peft", "model_name_or_path", "chat_template_path", "loss_type", "shuffle_dataset")
+
+
+def is_sft_config(data: dict) -> bool:
+    return any(k in data for k in SFTCONFIG_KEYS)
+
+
+def _map_training_args(r: _Reader, trl: bool = False) -> None:
     r.fallback_reason = _generic_reason
+    r.training["trainer"] = "trl" if trl else "hf"
+    r.read.append("format: " + ("TRL SFTConfig keys present -> trainer=trl" if trl else
+                                "plain TrainingArguments -> trainer=hf (the bare transformers Trainer)"))
     if r.has("model_name_or_path"):
         r.set_model("model_name_or_path", r.take("model_name_or_path"))
 
@@ -101,13 +122,23 @@ def _map_training_args(r: _Reader) -> None:
         value = r.take("activation_offloading")
         r.ignore("activation_offloading", "activations offloaded to the CPU are " + MEMORY_NOT_MODELLED
                  + " (estimate high)" if r.flag("activation_offloading", value) else "false")
+    on = []
+    for key in ("packing", "padding_free"):
+        if r.has(key) and trl:
+            if r.flag(key, r.take(key)):
+                on.append(key)
+                r.mapped(key, f"true -> trainer option {key} (same per-step shapes)")
+            else:
+                r.mapped(key, json.dumps(r.peek(key)) + " (off)")
+    if on:
+        r.training["trainer_options"] = tuple(on)
     for key, reason in (("packing", "packing changes tokens per sequence, not the per-step shapes peftplan "
                                     "models (each micro-batch is still micro_batch x max_length tokens)"),
                         ("padding_free", "padding-free batching: fewer real tokens, not modelled (estimate high)"),
                         ("packing_strategy", "packing: data, not per-step shapes"),
                         ("pad_to_multiple_of", "padding: data, not per-step shapes"),
                         ("eval_packing", "evaluation only")):
-        if r.has(key):
+        if r.has(key) and key not in r.mapped_keys:
             r.ignore(key, reason if r.peek(key) else f"{json.dumps(r.peek(key))} (off)")
 
     # precision: bf16 / fp16 flags autocast; the load dtype decides what trained weights are stored in
@@ -187,8 +218,8 @@ def _training_args_method(r: _Reader) -> None:
                 raise r.error("bnb_4bit_quant_type", f"must be nf4 or fp4, got {quant!r}")
             r.options["quant"] = quant
             r.options["double_quant"] = r.flag("use_bnb_nested_quant", r.take("use_bnb_nested_quant", False))
-        r.note("TRL's SFTTrainer runs prepare_model_for_kbit_training with use_gradient_checkpointing="
-               "gradient_checkpointing; peftplan's kbit_prep also turns gradient checkpointing on")
+        r.note("TRL 1.16's SFTTrainer does not call prepare_model_for_kbit_training (sft_trainer.py): the trl "
+               "trainer estimates QLoRA without it (kbit_prep=false) and with its adapters cast to bf16")
         if dora:
             r.ignore("use_dora", "DoRA on a quantized base (QDoRA) is " + MEMORY_NOT_MODELLED
                      + ": estimated as QLoRA (low)")

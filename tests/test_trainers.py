@@ -1,0 +1,144 @@
+"""Trainers (peftplan/trainers/): the registry, `hf` keeping the bare step's numbers, TRL's fused LM head in the
+engine against TRL's real code path traced under fake tensors, the CLI's --trainer and the gate on the committed
+TRL records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peftplan.catalog import load_gpu, load_model
+from peftplan.cli import app
+from peftplan.estimate import estimate
+from peftplan.trainers import CLI_DEFAULT_TRAINER, TrainerError, get_trainer, trainer_names
+from peftplan.training import Training, TrainingError
+
+GIB = 2**30
+CPU = Path(__file__).resolve().parent.parent / "profiles" / "cpu"
+runner = CliRunner()
+
+
+def test_registry():
+    assert {"hf", "trl"} <= set(trainer_names())
+    assert CLI_DEFAULT_TRAINER == "trl" and Training().trainer == "hf"
+    assert get_trainer("trl").version.startswith("1.16")
+    with pytest.raises(TrainerError, match="unknown trainer 'axolotl2'"):
+        get_trainer("axolotl2")
+    with pytest.raises(TrainingError, match="--packing does not apply to trainer 'hf'"):
+        Training(trainer="hf", trainer_options=("packing",))
+    assert Training(trainer="trl", trainer_options=["packing"]).trainer_options == ("packing",)
+
+
+def test_trl_fused_head_drops_the_logits_and_hf_keeps_them():
+    """The issue's case: llama3-8b QLoRA on a T4, batch 1 x 2048."""
+    arch, t4 = load_model("llama3-8b"), load_gpu("t4")
+    common = dict(micro_batch=1, seq_len=2048, precision="fp16-mixed")
+    hf = estimate(arch, "qlora", Training(**common), t4)
+    assert hf.memory.components["loss_logits"] > 2.9 * GIB  # two fp32 logits-sized tensors at 128k x 2048
+    trl = estimate(arch, "qlora", Training(**common, trainer="trl", grad_ckpt=True), t4)
+    assert trl.memory.components.get("loss_logits", 0) < 0.5 * GIB
+    assert trl.memory.peak_allocated_bytes < hf.memory.peak_allocated_bytes
+    # SFTTrainer casts a quantized base's adapters to bf16 and does not run kbit prep
+    assert trl.options["kbit_prep"] is False and hf.options["kbit_prep"] is True
+    assert trl.params.trainable == hf.params.trainable
+    assert trl.to_dict()["trainer"]["name"] == "trl" and trl.to_dict()["trainer"]["version"] == "1.16.0"
+    assert any("fused LM head" in a for a in trl.assumptions)
+
+
+def test_hf_trainer_is_the_bare_step():
+    arch, gpu = load_model("llama3.2-1b"), load_gpu("a100-80g")
+    for method in ("lora", "qlora", "full"):
+        a = estimate(arch, method, Training(micro_batch=2, seq_len=256), gpu)
+        b = estimate(arch, method, Training(micro_batch=2, seq_len=256, trainer="hf"), gpu)
+        assert a.memory == b.memory and a.compute == b.compute
+
+
+def test_cli_default_trainer_defaults_and_bad_input():
+    base = ["estimate", "--model", "llama3.2-1b", "--method", "lora", "--batch", "1", "--seq", "512", "--json"]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["trainer"]["name"] == "trl" and out["training"]["grad_ckpt"] is True  # SFTConfig default
+    r = runner.invoke(app, base + ["--no-grad-ckpt"])
+    assert json.loads(r.stdout)["training"]["grad_ckpt"] is False  # what the user sets wins
+    r = runner.invoke(app, base + ["--trainer", "hf"])
+    hf = json.loads(r.stdout)
+    api = estimate(load_model("llama3.2-1b"), "lora", Training(micro_batch=1, seq_len=512), load_gpu("a100-80g"))
+    assert hf["trainer"]["name"] == "hf" and hf["memory"]["peak_allocated_bytes"] == api.memory.peak_allocated_bytes
+    for args, needle in ((["--trainer", "nope"], "unknown trainer 'nope'"),
+                         (["--trainer", "hf", "--packing"], "--packing does not apply to trainer 'hf'")):
+        r = runner.invoke(app, base + args)
+        assert r.exit_code == 2 and needle in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    r = runner.invoke(app, ["estimate", "--model", "llama3.2-1b", "--trainer", "trl"])
+    assert r.exit_code == 0 and "trainer: trl" in r.stdout and "1.16.0" in r.stdout
+    r = runner.invoke(app, ["trainers"])
+    assert r.exit_code == 0 and "trl" in r.stdout and "hf" in r.stdout
+
+
+def test_sftconfig_file_selects_the_trl_trainer(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("model_name_or_path: meta-llama/Meta-Llama-3-8B\nuse_peft: true\nload_in_4bit: true\n"
+                    "per_device_train_batch_size: 1\nmax_length: 2048\npacking: true\n")
+    r = runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "t4", "--precision", "fp16-mixed", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["run_config"]["format"] == "trl-sftconfig"
+    assert out["trainer"] == {"name": "trl", "library": "trl", "version": "1.16.0", "options": ["packing"]}
+    assert out["memory"]["components"].get("loss_logits", 0) < 0.5 * GIB
+    r = runner.invoke(app, ["estimate", "--config", str(path), "--trainer", "hf"])
+    assert r.exit_code == 2 and "--packing does not apply to trainer 'hf'" in r.stderr
+
+
+# ---- the gate on the committed TRL records (no torch needed) ---------------------------------------------------
+
+def _trl_records():
+    return sorted(CPU.glob("*_trl.json"))
+
+
+def test_committed_trl_records_pass_and_a_bare_loss_is_caught(monkeypatch):
+    from peftplan.check import check_paths
+    import peftplan.engine.losses as losses
+
+    paths = _trl_records()
+    assert len(paths) >= 20, "profiles/cpu has no TRL records: run `peftplan trace --matrix ci`"
+    res = check_paths(paths)
+    assert res.ok, [(f.path, f.violations) for f in res.violations]
+    assert sum(f.status == "ok" for f in res.findings) >= 0.75 * len(res.findings)
+    # the engine without TRL's fused head (the bare step's fp32 logits) must fail the TRL records
+    monkeypatch.setitem(losses.LOSSES, "trl_chunked_logprob", lambda ctx, arch, h, head, b, s, vt:
+                        losses.loss_forward(ctx, arch, h, head, arch.vocab_size, b * s))
+    bad = check_paths(paths)
+    assert not bad.ok and len(bad.violations) >= 10
+
+
+# ---- engine vs the real TRL step, traced (needs torch, transformers, peft, trl) --------------------------------
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full", "prompt"])
+def test_engine_matches_the_traced_trl_step(method, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    from peftplan.arch import from_hf_config
+    from peftplan.harness.matrix import TINY_LLAMA
+    from peftplan.harness.trace import trace
+    import trl.kernels.chunked_logprob as ck
+
+    calls = []
+    original = ck.ChunkedLogProbFunction.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ck.ChunkedLogProbFunction, "forward", staticmethod(counted))
+    arch = from_hf_config(TINY_LLAMA, "tiny-llama")
+    training = Training(micro_batch=2, seq_len=64, grad_ckpt=True, trainer="trl")
+    res = trace(arch, method, None, training, flops=False)
+    assert calls, "the tracer did not run TRL's ChunkedLogProbFunction"
+    est = estimate(arch, method, training, load_gpu("h200"))
+    err = (est.memory.peak_allocated_bytes - res.peak_allocated_bytes) / res.peak_allocated_bytes
+    assert abs(err) < 0.01, (method, err, est.memory.components, res.components)
+    assert (res.params_total, res.params_trainable) == (est.params.total, est.params.trainable)
