@@ -267,7 +267,12 @@ class MemoryTracker(TorchDispatchMode):
         if self.count_flops and self.phases[self.phase_idx][1] <= 1 and self.phases[self.phase_idx][2] <= 1:
             f = self._registry.get(func._overloadpacket)
             if f is not None:
-                n = int(f(*args, **kwargs, out_val=out))
+                # aten.addmm.dtype_out (TRL's fused head: `addmm(acc, a, b, out_dtype=fp32, out=acc)`) passes
+                # out_dtype, beta, alpha, out: the formula takes the three operands' shapes
+                fargs, kw = args, kwargs
+                if func._overloadpacket is torch.ops.aten.addmm and ("out_dtype" in kwargs or len(args) > 3):
+                    fargs, kw = args[:3], {}
+                n = int(f(*fargs, **kw, out_val=out))
                 kind = self.phase_kind
                 if kind == "backward" and (self.in_recompute or self.module_stack):
                     self.flops["recompute"] += n
