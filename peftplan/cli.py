@@ -123,6 +123,7 @@ def estimate(
     trainer: Optional[str] = typer.Option(None, "--trainer", "-t", help=TRAINER_HELP),
     packing: Optional[bool] = typer.Option(None, "--packing", help="trl: SFTConfig.packing (same per-step shapes)"),
     padding_free: Optional[bool] = typer.Option(None, "--padding-free", help="trl: SFTConfig.padding_free (same tokens per step)"),
+    liger: Optional[bool] = typer.Option(None, "--liger", help="hf: Liger kernels (use_liger_kernel): fused linear cross-entropy modelled from source"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),
     trace: bool = typer.Option(False, "--trace", help="also run the CPU tracer (needs the harness extra) and show its peak"),
@@ -158,7 +159,8 @@ def estimate(
             g = custom_gpu(parse_bytes(gpu_memory), g)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
                              optimizer_impl, n_gpus, shard, offload, base=base_training, trainer=trainer,
-                             trainer_options=_trainer_options(packing=packing, padding_free=padding_free))
+                             trainer_options=_trainer_options(packing=packing, padding_free=padding_free,
+                                                              liger=liger))
         options = {**config_options, **_method_options(
             rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
             double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,

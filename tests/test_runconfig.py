@@ -92,10 +92,11 @@ def test_seed_axolotl_qlora(tmp_path):
     assert run.training["micro_batch"] == 1  # axolotl default micro_batch_size
     assert run.training["grad_ckpt"] is False
     ignored = run.ignored_keys()
-    for key in ("datasets", "sample_packing", "pad_to_sequence_len", "output_dir", "val_set_size",
-                "tokenizer_type", "lora_fan_in_fan_out", "lora_model_dir"):
+    for key in ("datasets", "output_dir", "val_set_size", "tokenizer_type", "lora_fan_in_fan_out", "lora_model_dir"):
         assert key in ignored, key
-    assert any(i.startswith("sample_packing: packing changes tokens per sequence") for i in run.ignored)
+    # packing keeps the per-step shapes peftplan models: read, not ignored
+    assert any(i.startswith("sample_packing: true: packing fills each sequence") for i in run.read)
+    assert "pad_to_sequence_len" in keys(run.read)
     accounted(run, yaml.safe_load(SEED_AXOLOTL_QLORA))
     text = "\n".join(run.describe())
     assert "llama2-7b" in text and "sample_packing" in text and "ignored" in text
@@ -140,7 +141,7 @@ def test_axolotl_training_keys(tmp_path):
     assert run.options == {"rank": 16, "alpha": 32, "dropout": 0.0, "targets": "q_proj,v_proj"}
     assert run.training == {
         "micro_batch": 4, "seq_len": 2048, "grad_accum": 8, "grad_ckpt": True, "attention": "flash",
-        "precision": "bf16-mixed", "optimizer": "paged-adamw",
+        "precision": "bf16-mixed", "optimizer": "paged-adamw", "trainer": "hf",
     }
     ign = dict(i.split(": ", 1) for i in run.ignored)
     assert "multi-GPU" in ign["deepspeed"]

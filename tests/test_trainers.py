@@ -142,3 +142,51 @@ def test_engine_matches_the_traced_trl_step(method, monkeypatch):
     err = (est.memory.peak_allocated_bytes - res.peak_allocated_bytes) / res.peak_allocated_bytes
     assert abs(err) < 0.01, (method, err, est.memory.components, res.components)
     assert (res.params_total, res.params_trainable) == (est.params.total, est.params.trainable)
+
+
+# ---- Liger (modelled from source) and the axolotl file of the issue --------------------------------------------
+
+def test_liger_chunking_from_source():
+    from peftplan.engine.liger import liger_chunk_rows
+
+    # ops/fused_linear_cross_entropy.py 62-63: BT = 4096*4, V = 32000, H = 4096 -> inc_factor 8, chunk 2048
+    assert liger_chunk_rows(4096 * 4, 4096, 32000) == 2048
+    assert liger_chunk_rows(2048, 4096, 128256) == 64  # llama3-8b, one sequence of 2048
+
+
+AXOLOTL_LIGER = """base_model: meta-llama/Meta-Llama-3-8B
+adapter: qlora
+load_in_4bit: true
+lora_target_linear: true
+plugins:
+  - axolotl.integrations.liger.LigerPlugin
+liger_rope: true
+liger_rms_norm: true
+liger_glu_activation: true
+liger_fused_linear_cross_entropy: true
+sample_packing: true
+flash_attention: true
+micro_batch_size: 2
+sequence_len: 4096
+"""
+
+
+def test_axolotl_liger_file_reads_every_liger_key_and_drops_the_logits(tmp_path):
+    path = tmp_path / "liger.yml"
+    path.write_text(AXOLOTL_LIGER)
+    r = runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "a100-80g", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    ignored = [i.split(":", 1)[0] for i in out["run_config"]["ignored"]]
+    assert not [k for k in ignored if k.startswith("liger") or k in ("plugins", "sample_packing")], ignored
+    assert out["trainer"]["name"] == "hf" and out["trainer"]["options"] == ["liger"]
+    assert out["memory"]["components"].get("loss_logits", 0) < 1 * GIB
+    assert any("modelled from source" in a for a in out["assumptions"])
+    bare = runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "a100-80g", "--json", "--trainer", "hf"])
+    assert json.loads(bare.stdout)["trainer"]["options"] == ["liger"]  # the file's switch stays on under hf
+    plain = estimate(load_model("llama3-8b"), "qlora",
+                     Training(micro_batch=2, seq_len=4096, attention="flash", grad_ckpt=True, trainer="hf"),
+                     load_gpu("a100-80g"), {"targets": "all-linear", "kbit_prep": False})
+    assert plain.memory.components["loss_logits"] > 10 * GIB  # the issue's 11.74 GiB without Liger
+    r = runner.invoke(app, ["estimate", "--model", "llama3-8b", "--trainer", "trl", "--liger"])
+    assert r.exit_code == 2 and "--liger does not apply to trainer 'trl'" in r.stderr

@@ -227,7 +227,14 @@ def _trl_backward(tape: Tape, node: Node, h: Tensor, head: Param, head_t: Tensor
     alloc.release(node.saved[0])  # the label mask (held by the graph's masked_scatter / index nodes)
 
 
+def _liger_flce(*args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    from .liger import liger_flce
+
+    return liger_flce(*args, **kwargs)
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "full_logits": full_logits,
     "trl_chunked_logprob": trl_chunked_logprob,
+    "liger_flce": _liger_flce,  # engine/liger.py, modelled from liger-kernel 0.8.2's source (not traceable on a CPU)
 }

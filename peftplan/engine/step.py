@@ -224,7 +224,7 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         proj = linear(ctx, h, params.head_linears[0], None, arch.head_in_features)  # OPT project_out
         tape.drop(h)
         h = proj
-    loss_key = get_trainer(training.trainer).loss  # the trainer's loss (engine/losses.py)
+    loss_key = get_trainer(training.trainer).loss_for(training.trainer_options)  # the trainer's loss (losses.py)
     if loss_key == "full_logits":
         loss = loss_forward(ctx, arch, h, head, arch.vocab_size, B * training.seq_len)
     else:

@@ -750,6 +750,9 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
     if options is None or isinstance(options, dict):  # the trainer's method-option defaults (TRL: no kbit prep)
         options = get_trainer(training.trainer).method_options(method, options)
     opts = coerce_options(method, options)
+    if "liger" in training.trainer_options:
+        raise NotTraceable("Liger's kernels are Triton-only and cannot run on the CPU tracer: the estimate models "
+                           "them from source")
     t0 = time.perf_counter()
     try:
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)

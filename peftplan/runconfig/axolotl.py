@@ -34,6 +34,57 @@ def _map_axolotl(r: _Reader) -> None:
 
     _axolotl_method(r)
     _axolotl_training(r)
+    _axolotl_kernels(r)
+
+
+# axolotl src/axolotl/integrations/liger/args.py LigerArgs: the kernels its LigerPlugin applies
+# (`apply_liger_kernel_to_<model>(rope=, swiglu=, rms_norm=, layer_norm=, cross_entropy=,
+# fused_linear_cross_entropy=)`, integrations/liger/plugin.py)
+LIGER_LAYER_KEYS = {
+    "liger_rope": "RoPE kernel (in place on q/k)",
+    "liger_rms_norm": "RMSNorm kernel (saves input + rstd)",
+    "liger_glu_activation": "SwiGLU kernel (recomputes silu in backward)",
+    "liger_layer_norm": "LayerNorm kernel",
+    "liger_swiglu": "SwiGLU kernel (recomputes silu in backward)",
+}
+
+
+def _axolotl_kernels(r: _Reader) -> None:
+    """axolotl runs transformers' Trainer (AxolotlTrainer subclasses it): trainer hf; the Liger plugin's fused
+    linear cross-entropy is its `liger` option (engine/liger.py, modelled from source)."""
+    r.training["trainer"] = "hf"
+    r.read.append("trainer: axolotl's AxolotlTrainer is a transformers Trainer -> trainer=hf")
+    plugins = r.peek("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise r.error("plugins", f"must be a list of plugin class paths, got {plugins!r}")
+    liger = any(p.endswith("LigerPlugin") for p in plugins)
+    if r.has("plugins"):
+        r.mapped("plugins", ", ".join(plugins) + (" (Liger kernels)" if liger else "")
+                 if plugins else "none")
+    flce_key = "liger_fused_linear_cross_entropy"
+    if r.has(flce_key):
+        on = r.flag(flce_key, r.take(flce_key))
+        if on and not liger:
+            r.ignore(flce_key, "true, but plugins has no LigerPlugin: axolotl does not apply it")
+        elif on:
+            r.training["trainer_options"] = ("liger",)
+            r.mapped(flce_key, "true -> trainer option liger: Liger fused linear cross-entropy, modelled from "
+                               "source (engine/liger.py); no full logits")
+        else:
+            r.mapped(flce_key, "false")
+    for key, what in LIGER_LAYER_KEYS.items():
+        if r.has(key):
+            on = r.flag(key, r.take(key))
+            if not on:
+                r.mapped(key, "false")
+            elif not liger:
+                r.ignore(key, "true, but plugins has no LigerPlugin: axolotl does not apply it")
+            else:
+                r.mapped(key, f"true: Liger {what}; not modelled, the HF op's saved tensors are (estimate high)")
+    if r.has("liger_cross_entropy"):
+        on = r.flag("liger_cross_entropy", r.take("liger_cross_entropy"))
+        r.mapped("liger_cross_entropy", "true: Liger cross-entropy on materialised logits; the full-logits loss is "
+                 "modelled (its in-place gradient saves one logits copy: estimate high)" if on else "false")
 
 
 def _axolotl_method(r: _Reader) -> None:
@@ -224,17 +275,22 @@ def _axolotl_training(r: _Reader) -> None:
         r.ignore("batch_size", "total batch across GPUs and accumulation: micro_batch_size sets one step's shapes")
     if r.has("eval_batch_size"):
         r.ignore("eval_batch_size", "evaluation, not the training step peftplan estimates")
+    for key, meaning in (
+        ("sample_packing", "packing fills each sequence to sequence_len: the per-step shapes peftplan models "
+                           "(micro_batch_size x sequence_len tokens), fewer padding tokens"),
+        ("pad_to_sequence_len", "every sequence sequence_len tokens, as peftplan models"),
+        ("batch_flattening", "padding-free batching: the same tokens per step in one row (same memory as modelled)"),
+    ):
+        if r.has(key):
+            value = r.take(key)
+            r.mapped(key, json.dumps(value) + (f": {meaning}" if not _is_empty(value) and value is not False else ""))
     for key, reason in (
-        ("sample_packing", "packing changes tokens per sequence, not the per-step shapes peftplan models "
-                           "(each micro-batch is still micro_batch_size x sequence_len tokens)"),
-        ("pad_to_sequence_len", "peftplan already assumes every sequence is sequence_len tokens"),
         ("eval_sample_packing", "evaluation only"),
         ("sample_packing_eff_est", "packing efficiency: data, not per-step shapes"),
         ("sample_packing_group_size", "packing: data, not per-step shapes"),
         ("sample_packing_bin_size", "packing: data, not per-step shapes"),
         ("sample_packing_sequentially", "packing: data, not per-step shapes"),
         ("multipack_real_batches", "packing: data, not per-step shapes"),
-        ("batch_flattening", "padding-free batching: fewer real tokens, not modelled (estimate high)"),
         ("max_packed_sequence_len", "packing: data, not per-step shapes"),
     ):
         if r.has(key):

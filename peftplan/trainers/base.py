@@ -48,6 +48,7 @@ class TrainerSpec:
     defaults: tuple[Default, ...] = ()
     options: dict[str, str] = field(default_factory=dict)
     method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> option defaults
+    option_losses: dict[str, str] = field(default_factory=dict)  # a switch that replaces the loss -> its key
     adapt: Callable[[TunedModel, Any], TunedModel] | None = None
     assumptions: Callable[[TunedModel, Any], list[str]] | None = None
 
@@ -70,6 +71,13 @@ class TrainerSpec:
             if out.get(d.field) is None:
                 out[d.field] = d.value
         return out
+
+    def loss_for(self, options: tuple[str, ...]) -> str:
+        """The engine loss (engine/losses.py LOSSES key) with these switches on."""
+        for name in options:
+            if name in self.option_losses:
+                return self.option_losses[name]
+        return self.loss
 
     def method_options(self, method: str, options: dict[str, Any] | None) -> dict[str, Any]:
         """The method options with this trainer's defaults for options the user did not set."""
