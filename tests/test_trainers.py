@@ -190,3 +190,47 @@ def test_axolotl_liger_file_reads_every_liger_key_and_drops_the_logits(tmp_path)
     assert plain.memory.components["loss_logits"] > 10 * GIB  # the issue's 11.74 GiB without Liger
     r = runner.invoke(app, ["estimate", "--model", "llama3-8b", "--trainer", "trl", "--liger"])
     assert r.exit_code == 2 and "--liger does not apply to trainer 'trl'" in r.stderr
+
+
+# ---- LLaMA-Factory (modelled from source) ----------------------------------------------------------------------
+
+LLAMAFACTORY_QLORA = """### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B
+quantization_bit: 4
+trust_remote_code: true
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+bf16: true
+"""
+
+
+def test_llamafactory_yaml(tmp_path):
+    """LLaMA-Factory's examples/extras/fsdp_qlora/llama3_lora_sft.yaml (model id without -Instruct)."""
+    path = tmp_path / "lf.yaml"
+    path.write_text(LLAMAFACTORY_QLORA)
+    r = runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "rtx4090", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["run_config"]["format"] == "llamafactory" and out["trainer"]["name"] == "llamafactory"
+    assert out["method"] == "qlora" and out["options"]["targets"] == "all-linear"
+    assert out["options"]["kbit_prep"] is False  # LLaMA-Factory never calls prepare_model_for_kbit_training
+    assert out["training"]["grad_ckpt"] is True and out["training"]["seq_len"] == 2048
+    ignored = dict(i.split(": ", 1) for i in out["run_config"]["ignored"])
+    assert ignored["dataset"] == "data, not memory" and ignored["template"] == "data, not memory"
+    assert any("modelled from its source" in a for a in out["assumptions"])
+    path.write_text(LLAMAFACTORY_QLORA + "enable_liger_kernel: true\n")
+    liger = json.loads(runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "rtx4090", "--json"]).stdout)
+    assert liger["trainer"]["options"] == ["liger"]
+    assert liger["memory"]["components"].get("loss_logits", 0) < out["memory"]["components"]["loss_logits"] / 10

@@ -1,6 +1,6 @@
 """Read a training run's own config file and turn it into peftplan's model / method / options / training.
 
-Four formats are recognised (`load_run_config` detects which):
+Five formats are recognised (`load_run_config` detects which):
 
 - **axolotl** YAML (`base_model`, `adapter`, `lora_r`, `micro_batch_size`, `sequence_len`, ...). Key names and
   defaults follow axolotl's config reference (docs/config-reference.qmd) and its model loader
@@ -9,6 +9,8 @@ Four formats are recognised (`load_run_config` detects which):
   `bnb_config_kwargs`); `lora_target_linear` adds every linear but the output head; absent keys take axolotl's
   defaults (micro_batch_size 1, sequence_len 512, gradient_accumulation_steps 1, optimizer adamw_torch_fused,
   bf16 auto, gradient_checkpointing off).
+- **LLaMA-Factory** YAML (`stage`, `finetuning_type`, `lora_rank`, `quantization_bit`, `cutoff_len`, ...): the
+  `llamafactory` trainer (runconfig/llamafactory.py).
 - **peft** `adapter_config.json` (`peft_type`, `r`, `lora_alpha`, `target_modules`, `num_virtual_tokens`, ...).
 - **training arguments** / **TRL SFTConfig** (format "training-args" or "trl-sftconfig", which sets the trainer):
   a transformers `TrainingArguments` / TRL `SFTConfig` dump (`to_json_string()`), JSON or
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .axolotl import _map_axolotl
+from .llamafactory import is_llamafactory, map_llamafactory
 from .peft_adapter import _map_peft
 from .reader import FORMATS, RunConfig, RunConfigError, _parse, _Reader
 from .shared import OPTIMIZER_MAP
@@ -54,6 +57,8 @@ def load_run_config(path: str) -> RunConfig:
     reader = _Reader(str(p), data)
     if fmt == "peft":
         _map_peft(reader)
+    elif fmt == "llamafactory":
+        map_llamafactory(reader)
     elif fmt == "axolotl":
         _map_axolotl(reader)
     else:
@@ -71,6 +76,8 @@ TRAINING_ARGS_MARKERS = ("per_device_train_batch_size", "gradient_accumulation_s
 def _detect(p: Path, data: dict[str, Any]) -> str:
     if "peft_type" in data:
         return "peft"
+    if is_llamafactory(data):
+        return "llamafactory"
     if any(k in data for k in AXOLOTL_MARKERS):
         return "axolotl"
     if any(k in data for k in TRAINING_ARGS_MARKERS):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from .shared import _generic_reason
 
-FORMATS = ("axolotl", "peft", "training-args", "trl-sftconfig")
+FORMATS = ("axolotl", "peft", "training-args", "trl-sftconfig", "llamafactory")
 
 
 class RunConfigError(ValueError):

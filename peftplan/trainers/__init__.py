@@ -1,10 +1,11 @@
-"""Trainers, registered by name (see base.py): `hf` (the bare transformers Trainer + peft step) and `trl`
-(TRL's SFTTrainer). The CLI's `--trainer` choices and `peftplan trainers` read this registry."""
+"""Trainers, registered by name (see base.py): `hf` (the bare transformers Trainer + peft step), `trl` (TRL's
+SFTTrainer) and `llamafactory` (LLaMA-Factory's SFT, modelled from source). The CLI's `--trainer` choices and `peftplan trainers` read this registry."""
 
 from __future__ import annotations
 
 from .base import Default, TrainerError, TrainerSpec, register, registry
 from . import hf as _hf  # noqa: F401  (registers)
+from . import llamafactory as _llamafactory  # noqa: F401  (registers)
 from . import trl as _trl  # noqa: F401  (registers)
 
 __all__ = ["Default", "TrainerError", "TrainerSpec", "register", "registry", "get_trainer", "trainer_names",
