@@ -61,6 +61,9 @@ def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: in
              "attention": attn, "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl,
              "n_gpus": n_gpus, "shard": shard, "offload": offload}
     fields = dict(base or {})
+    if fields.get("shard", "none") != "none" and shard is None and (n_gpus or fields.get("n_gpus", 1)) == 1:
+        fields.pop("shard")  # a run config's sharding without --gpus N: one GPU (the run config's notes say so)
+        fields.pop("offload", None)
     fields.update({k: v for k, v in given.items() if v is not None})
     spec = get_trainer(trainer or fields.get("trainer") or CLI_DEFAULT_TRAINER)
     switches = tuple(dict.fromkeys((*fields.get("trainer_options", ()), *trainer_options)))

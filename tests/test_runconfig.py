@@ -141,13 +141,15 @@ def test_axolotl_training_keys(tmp_path):
     assert run.options == {"rank": 16, "alpha": 32, "dropout": 0.0, "targets": "q_proj,v_proj"}
     assert run.training == {
         "micro_batch": 4, "seq_len": 2048, "grad_accum": 8, "grad_ckpt": True, "attention": "flash",
-        "precision": "bf16-mixed", "optimizer": "paged-adamw", "trainer": "hf",
+        "precision": "bf16-mixed", "optimizer": "paged-adamw", "trainer": "hf", "shard": "zero2",
     }
     ign = dict(i.split(": ", 1) for i in run.ignored)
-    assert "multi-GPU" in ign["deepspeed"]
+    # the ZeRO stage from the DeepSpeed file's name (the file is not there); the GPU count comes from --gpus
+    assert any(line.startswith("deepspeed: deepspeed_configs/zero2.json -> shard=zero2") for line in run.read)
     assert "learning_rate" in ign and "wandb_project" in ign and "tf32" in ign
     accounted(run, yaml.safe_load(AXOLOTL_FULLER))
-    est = estimate(load_model(run.model), run.method, Training(**run.training), load_gpu("a100-80g"), run.options)
+    one_gpu = {k: v for k, v in run.training.items() if k != "shard"}  # as the CLI does without --gpus
+    est = estimate(load_model(run.model), run.method, Training(**one_gpu), load_gpu("a100-80g"), run.options)
     assert est.memory.paged_optimizer_bytes > 0
 
 

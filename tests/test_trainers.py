@@ -234,3 +234,24 @@ def test_llamafactory_yaml(tmp_path):
     liger = json.loads(runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "rtx4090", "--json"]).stdout)
     assert liger["trainer"]["options"] == ["liger"]
     assert liger["memory"]["components"].get("loss_logits", 0) < out["memory"]["components"]["loss_logits"] / 10
+
+
+def test_axolotl_fsdp_and_deepspeed_keys(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "z3.json").write_text('{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}')
+    ds = tmp_path / "ds.yml"
+    ds.write_text("base_model: meta-llama/Meta-Llama-3-8B\nadapter: lora\ndeepspeed: ds/z3.json\n")
+    out = json.loads(runner.invoke(app, ["estimate", "--config", str(ds), "--gpus", "2", "--json"]).stdout)
+    assert (out["parallel"]["shard"], out["parallel"]["offload"]) == ("zero3", "optimizer")
+    fs = tmp_path / "fsdp.yml"
+    fs.write_text("base_model: meta-llama/Meta-Llama-3-8B\nadapter: lora\nfsdp: [full_shard, auto_wrap]\n"
+                  "fsdp_config:\n  fsdp_offload_params: true\n")
+    out = json.loads(runner.invoke(app, ["estimate", "--config", str(fs), "--gpus", "4", "--json"]).stdout)
+    assert (out["parallel"]["shard"], out["parallel"]["offload"]) == ("fsdp-full", "optimizer+params")
+    one = json.loads(runner.invoke(app, ["estimate", "--config", str(fs), "--json"]).stdout)
+    assert one["parallel"]["n_gpus"] == 1 and one["parallel"]["shard"] == "none"
+    assert any("pass --gpus N" in n for n in one["run_config"]["notes"])
+    both = tmp_path / "both.yml"
+    both.write_text("base_model: meta-llama/Meta-Llama-3-8B\nadapter: lora\nfsdp: [full_shard]\ndeepspeed: ds/z3.json\n")
+    r = runner.invoke(app, ["estimate", "--config", str(both)])
+    assert r.exit_code == 2 and "both set" in r.stderr

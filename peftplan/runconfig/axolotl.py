@@ -35,6 +35,7 @@ def _map_axolotl(r: _Reader) -> None:
     _axolotl_method(r)
     _axolotl_training(r)
     _axolotl_kernels(r)
+    _axolotl_sharding(r)
 
 
 # axolotl src/axolotl/integrations/liger/args.py LigerArgs: the kernels its LigerPlugin applies
@@ -47,6 +48,86 @@ LIGER_LAYER_KEYS = {
     "liger_layer_norm": "LayerNorm kernel",
     "liger_swiglu": "SwiGLU kernel (recomputes silu in backward)",
 }
+
+
+def _axolotl_sharding(r: _Reader) -> None:
+    """`deepspeed` (a ZeRO JSON) and `fsdp` / `fsdp_config` -> shard and offload (engine/sharding.py). The number
+    of GPUs comes from the launcher, not the file: pass --gpus N (with one GPU the sharding is dropped)."""
+    ds = r.take("deepspeed")
+    if not _is_empty(ds) and not _is_empty(r.peek("fsdp")):
+        raise r.error("deepspeed", "and fsdp are both set: axolotl runs one of them")
+    if not _is_empty(ds):
+        stage, offload, how = _deepspeed_stage(r, ds)
+        if stage is None:
+            r.ignore("deepspeed", f"{ds!r}: no ZeRO stage found in the file or its name: pass --shard")
+        else:
+            r.training["shard"] = f"zero{stage}"
+            if offload != "none":
+                r.training["offload"] = offload
+            r.mapped("deepspeed", f"{ds} -> shard=zero{stage}, offload={offload} ({how}); pass --gpus N")
+    elif r.has("deepspeed"):
+        r.mapped("deepspeed", "not set")
+    fsdp = r.take("fsdp")
+    cfg = r.take("fsdp_config") or {}
+    if not isinstance(cfg, dict):
+        raise r.error("fsdp_config", f"must be a mapping, got {cfg!r}")
+    if isinstance(fsdp, str):
+        fsdp = fsdp.split()
+    if not _is_empty(fsdp) or cfg:
+        words = [str(w) for w in (fsdp or [])]
+        strategy = str(cfg.get("fsdp_sharding_strategy") or cfg.get("sharding_strategy") or "").upper()
+        rshard = cfg.get("reshard_after_forward", cfg.get("fsdp_reshard_after_forward"))
+        if "hybrid_shard" in words or "HYBRID" in strategy:
+            shard = "fsdp-hybrid"
+        elif "shard_grad_op" in words or "SHARD_GRAD_OP" in strategy or rshard is False:
+            shard = "fsdp-grad-op"
+        else:
+            shard = "fsdp-full"
+        off = any(w == "offload" for w in words) or bool(cfg.get("fsdp_offload_params") or cfg.get("offload_params"))
+        r.training["shard"] = shard
+        if off:
+            r.training["offload"] = "optimizer+params"  # FSDP CPUOffload(offload_params=True) offloads both
+        if r.has("fsdp"):
+            r.mapped("fsdp", f"{json.dumps(fsdp)} -> shard={shard}" + (", offload=optimizer+params" if off else ""))
+        if cfg:
+            r.mapped("fsdp_config", json.dumps(cfg, default=str) + f" -> shard={shard}"
+                     + (", offload=optimizer+params" if off else "") + "; per decoder layer wrapping, as modelled")
+    else:
+        for key in ("fsdp", "fsdp_config"):
+            if r.has(key):
+                r.mapped(key, "not set")
+    if "shard" in r.training:
+        r.note(f"the file shards over several GPUs ({r.training['shard']}): the number comes from the launcher; "
+               "pass --gpus N for the per-GPU estimate (with one GPU the sharding is dropped)")
+
+
+def _deepspeed_stage(r: _Reader, ds: object) -> tuple[int | None, str, str]:
+    """(ZeRO stage, offload, how it was found) from a DeepSpeed JSON path (read when it exists) or a mapping."""
+    import re
+    from pathlib import Path
+
+    data = ds if isinstance(ds, dict) else None
+    if data is None and isinstance(ds, str):
+        for base in (Path(r.path).parent, Path.cwd()):
+            p = base / ds
+            if p.is_file():
+                try:
+                    data = json.loads(p.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    data = None
+                break
+    if isinstance(data, dict):
+        zero = data.get("zero_optimization") or {}
+        stage = zero.get("stage")
+        dev = lambda k: str((zero.get(k) or {}).get("device", "none")).lower()  # noqa: E731
+        offload = "optimizer+params" if dev("offload_param") in ("cpu", "nvme") else \
+            "optimizer" if dev("offload_optimizer") in ("cpu", "nvme") else "none"
+        return (int(stage) if isinstance(stage, int) and stage in (1, 2, 3) else None), offload, "read from the file"
+    m = re.search(r"zero[_-]?([123])", str(ds).lower())
+    if m is None:
+        return None, "none", ""
+    offload = "optimizer" if "offload" in str(ds).lower() else "none"
+    return int(m.group(1)), offload, "inferred from the file name (file not found)"
 
 
 def _axolotl_kernels(r: _Reader) -> None:
