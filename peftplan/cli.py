@@ -284,11 +284,11 @@ def trainers() -> None:
         from .trainers import CLI_DEFAULT_TRAINER, registry
 
         table = Table(title=f"trainers (--trainer; default {CLI_DEFAULT_TRAINER})")
-        for col in ("name", "models", "what", "defaults", "options", "source"):
+        for col in ("name", "models", "what", "defaults", "options", "checked", "source"):
             table.add_column(col, overflow="fold")
         for spec in registry().values():
             opts = ", ".join("--" + o.replace("_", "-") for o in spec.options) or "-"
-            table.add_row(spec.name, spec.label, spec.summary, spec.defaults_line(), opts, spec.source)
+            table.add_row(spec.name, spec.label, spec.summary, spec.defaults_line(), opts, spec.checked, spec.source)
         Console().print(table)
 
     _guard(run)

@@ -51,6 +51,7 @@ class TrainerSpec:
     option_losses: dict[str, str] = field(default_factory=dict)  # a switch that replaces the loss -> its key
     adapt: Callable[[TunedModel, Any], TunedModel] | None = None
     assumptions: Callable[[TunedModel, Any], list[str]] | None = None
+    checked: str = "modelled from source"  # or how it is checked against the real step
 
     @property
     def label(self) -> str:

@@ -21,6 +21,7 @@ SPEC = register(TrainerSpec(
     options={"liger": "Liger kernels (TrainingArguments.use_liger_kernel): fused linear cross-entropy modelled "
                       "from source; RMSNorm/SwiGLU/RoPE kernels not modelled (estimate high)"},
     option_losses={"liger": "liger_flce"},
+    checked="traced: every CPU record in profiles/cpu (CI matrix); Liger option modelled from source",
     assumptions=lambda model, training: [
         "Liger fused linear cross-entropy: modelled from source (liger-kernel 0.8.2 "
         "ops/fused_linear_cross_entropy.py), not yet confirmed by a GPU record; its RMSNorm/SwiGLU/RoPE kernels "

@@ -78,4 +78,5 @@ SPEC = register(TrainerSpec(
              "padding_free": "SFTConfig.padding_free: one flattened row per batch (same tokens per step)"},
     method_defaults={"qlora": {"kbit_prep": False}},  # SFTTrainer never calls prepare_model_for_kbit_training
     adapt=adapt, assumptions=assumptions,
+    checked="traced: TRL's own compute_loss on its Triton path under fake tensors, every method in the CI matrix",
 ))
