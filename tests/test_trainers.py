@@ -255,3 +255,19 @@ def test_axolotl_fsdp_and_deepspeed_keys(tmp_path):
     both.write_text("base_model: meta-llama/Meta-Llama-3-8B\nadapter: lora\nfsdp: [full_shard]\ndeepspeed: ds/z3.json\n")
     r = runner.invoke(app, ["estimate", "--config", str(both)])
     assert r.exit_code == 2 and "both set" in r.stderr
+
+
+def test_compare_takes_the_trainer():
+    r = runner.invoke(app, ["compare", "--model", "llama3-8b", "--methods", "qlora", "--gpus", "t4", "--batch", "1",
+                            "--seq", "2048", "--json"])
+    assert r.exit_code == 0, r.output
+    trl = json.loads(r.stdout)
+    r = runner.invoke(app, ["compare", "--model", "llama3-8b", "--methods", "qlora", "--gpus", "t4", "--batch", "1",
+                            "--seq", "2048", "--json", "--trainer", "hf"])
+    hf = json.loads(r.stdout)
+    key = "device_total_bytes" if "device_total_bytes" in json.dumps(trl) else None
+    assert key is not None
+    rows = lambda d: d["rows"] if isinstance(d, dict) else d  # noqa: E731
+    assert rows(trl)[0][key] < rows(hf)[0][key]
+    r = runner.invoke(app, ["compare", "--model", "llama3-8b", "--methods", "lora", "--trainer", "nope"])
+    assert r.exit_code == 2 and "unknown trainer" in r.stderr
