@@ -37,18 +37,40 @@ def _guard(fn: Callable[[], Any]) -> Any:
 METHOD_HELP = "fine-tuning method: " + ", ".join(method_names())
 
 
+def _trainer_help() -> str:
+    from .trainers import CLI_DEFAULT_TRAINER, registry
+
+    parts = [f"{s.name} ({s.label}: {s.summary}; defaults: {s.defaults_line()})" for s in registry().values()]
+    return f"who runs the step (default {CLI_DEFAULT_TRAINER}, what the HF docs teach for SFT): " + "; ".join(parts)
+
+
+TRAINER_HELP = _trainer_help()
+
+
 def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: int | None, grad_ckpt: bool | None,
               attn: str | None, precision: str | None, optimizer: str | None, optimizer_impl: str | None,
               n_gpus: int | None = None, shard: str | None = None, offload: str | None = None,
-              base: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
-    """A Training from the command line; flags not given fall back to `base` (a run config), then defaults."""
+              base: dict[str, Any] | None = None, trainer: str | None = None,
+              trainer_options: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """A Training from the command line; flags not given fall back to `base` (a run config), then to the
+    trainer's defaults (peftplan/trainers/), then to peftplan's."""
+    from .trainers import CLI_DEFAULT_TRAINER, get_trainer
     from .training import Training, TrainingError
 
     given = {"micro_batch": batch, "seq_len": seq, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt,
              "attention": attn, "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl,
              "n_gpus": n_gpus, "shard": shard, "offload": offload}
     fields = dict(base or {})
+    if fields.get("shard", "none") != "none" and shard is None and (n_gpus or fields.get("n_gpus", 1)) == 1:
+        fields.pop("shard")  # a run config's sharding without --gpus N: one GPU (the run config's notes say so)
+        fields.pop("offload", None)
     fields.update({k: v for k, v in given.items() if v is not None})
+    spec = get_trainer(trainer or fields.get("trainer") or CLI_DEFAULT_TRAINER)
+    switches = tuple(dict.fromkeys((*fields.get("trainer_options", ()), *trainer_options)))
+    spec.check_options(switches)
+    fields = spec.apply_defaults(fields)
+    fields["trainer"] = spec.name
+    fields["trainer_options"] = switches
     if fields.get("precision") is None:
         fields["precision"] = "bf16-mixed" if gpu_bf16 else "fp16-mixed"
     elif str(fields["precision"]).startswith("bf16") and not gpu_bf16:
@@ -60,6 +82,11 @@ def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: in
     if unknown:
         raise TrainingError(f"unknown training field(s): {', '.join(unknown)}")
     return Training(**fields)
+
+
+def _trainer_options(**flags: bool | None) -> tuple[str, ...]:
+    """Trainer switches the user turned on (`--packing` -> "packing")."""
+    return tuple(name for name, on in flags.items() if on)
 
 
 def _method_options(**given: Any) -> dict[str, Any]:
@@ -96,6 +123,10 @@ def estimate(
     adapter_size: Optional[int] = typer.Option(None, "--adapter-size", help="adapter: bottleneck width (default 64)"),
     adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="adapter: houlsby (default), pfeiffer, parallel"),
     virtual_tokens: Optional[int] = typer.Option(None, "--virtual-tokens", help="prompt/prefix/ptuning: number of virtual tokens (default 20)"),
+    trainer: Optional[str] = typer.Option(None, "--trainer", "-t", help=TRAINER_HELP),
+    packing: Optional[bool] = typer.Option(None, "--packing", help="trl: SFTConfig.packing (same per-step shapes)"),
+    padding_free: Optional[bool] = typer.Option(None, "--padding-free", help="trl: SFTConfig.padding_free (same tokens per step)"),
+    liger: Optional[bool] = typer.Option(None, "--liger", help="hf: Liger kernels (use_liger_kernel): fused linear cross-entropy modelled from source"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),
     trace: bool = typer.Option(False, "--trace", help="also run the CPU tracer (needs the harness extra) and show its peak"),
@@ -131,7 +162,9 @@ def estimate(
         if gpu_memory is not None:
             g = custom_gpu(parse_bytes(gpu_memory), g)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
-                             optimizer_impl, n_gpus, shard, offload, base=base_training)
+                             optimizer_impl, n_gpus, shard, offload, base=base_training, trainer=trainer,
+                             trainer_options=_trainer_options(packing=packing, padding_free=padding_free,
+                                                              liger=liger))
         if attn is not None:
             resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
         options = {**config_options, **_method_options(
@@ -145,7 +178,7 @@ def estimate(
         if trace:
             from .harness.trace import trace as run_trace  # torch only here
 
-            traced = run_trace(arch, method_name, spec.make_options(options), est.training)
+            traced = run_trace(arch, method_name, dict(est.options), est.training)
         if as_json:
             out = est.to_dict()
             if traced is not None:
@@ -239,6 +272,27 @@ def methods() -> None:
         for spec in registry().values():
             opts = ", ".join(f"--{f.name.replace('_', '-')}={f.default}" for f in dataclasses.fields(spec.options_cls))
             table.add_row(spec.name, spec.summary, opts or "-", spec.peft_type or "-", spec.source)
+        Console().print(table)
+
+    _guard(run)
+
+
+@app.command()
+def trainers() -> None:
+    """List the registered trainers: library version modelled, loss, defaults and options."""
+
+    def run() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .trainers import CLI_DEFAULT_TRAINER, registry
+
+        table = Table(title=f"trainers (--trainer; default {CLI_DEFAULT_TRAINER})")
+        for col in ("name", "models", "what", "defaults", "options", "checked", "source"):
+            table.add_column(col, overflow="fold")
+        for spec in registry().values():
+            opts = ", ".join("--" + o.replace("_", "-") for o in spec.options) or "-"
+            table.add_row(spec.name, spec.label, spec.summary, spec.defaults_line(), opts, spec.checked, spec.source)
         Console().print(table)
 
     _guard(run)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli import _fail, _guard, app
+from .cli import TRAINER_HELP, _fail, _guard, app
 
 
 def _split(text: str | None, what: str) -> list[str]:
@@ -107,6 +107,7 @@ def compare(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16-mixed, bf16-mixed (default; fp16-mixed on GPUs without bf16), fp16, bf16"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor, lion"),
     optimizer_impl: Optional[str] = typer.Option(None, "--optimizer-impl", help="fused (default), foreach, for-loop"),
+    trainer: Optional[str] = typer.Option(None, "--trainer", "-t", help=TRAINER_HELP),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="lora/qlora/dora rank (peft default 8)"),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha"),
     targets: Optional[str] = typer.Option(None, "--targets", help="lora/qlora/dora/ia3 target modules (q_proj,v_proj / qv / attn / all-linear)"),
@@ -148,7 +149,11 @@ def compare(
             options[m].update(explicit_grad_ckpt_options(m, grad_ckpt))
         fields = {"micro_batch": batch, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt, "attention": attn,
                   "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl}
-        training = Training(**{k: v for k, v in fields.items() if v is not None})
+        from .trainers import CLI_DEFAULT_TRAINER, get_trainer
+
+        spec = get_trainer(trainer or CLI_DEFAULT_TRAINER)
+        fields = spec.apply_defaults(fields)  # the trainer's defaults for what the user did not set
+        training = Training(**fields, trainer=spec.name)
         if attn is not None:
             from .arch import resolve_attention
             for a in archs:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli import METHOD_HELP, _fail, _guard, _method_options, _training, app
+from .cli import METHOD_HELP, TRAINER_HELP, _fail, _guard, _method_options, _trainer_options, _training, app
 
 
 def _harness_errors() -> tuple[type[BaseException], ...]:
@@ -31,7 +31,7 @@ def _print_single(res: Any, est: Any) -> None:
 
     console = Console()
     t = est.training
-    console.print(f"[bold]{res.model}[/bold] · {res.method} · batch {t.micro_batch} × seq {t.seq_len} · "
+    console.print(f"[bold]{res.model}[/bold] · {res.method} · trainer {t.trainer} · batch {t.micro_batch} × seq {t.seq_len} · "
                   f"{t.precision} · {t.attention} · grad-ckpt {'on' if t.grad_ckpt else 'off'} · "
                   f"traced in {res.seconds:.1f} s ({'fake' if res.fake else 'real'} tensors)")
     same = (res.params_total, res.params_trainable) == (est.params.total, est.params.trainable)
@@ -82,6 +82,9 @@ def trace(
     adapter_size: Optional[int] = typer.Option(None, "--adapter-size", help="adapter: bottleneck width (default 64)"),
     adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="adapter: houlsby (default), pfeiffer, parallel"),
     virtual_tokens: Optional[int] = typer.Option(None, "--virtual-tokens", help="prompt/prefix/ptuning: virtual tokens (default 20)"),
+    trainer: Optional[str] = typer.Option(None, "--trainer", "-t", help=TRAINER_HELP),
+    packing: Optional[bool] = typer.Option(None, "--packing", help="trl: SFTConfig.packing (same per-step shapes)"),
+    padding_free: Optional[bool] = typer.Option(None, "--padding-free", help="trl: SFTConfig.padding_free (same tokens per step)"),
     steps: int = typer.Option(2, "--steps", help="optimizer steps to trace (2: the first creates the optimizer state)"),
     real: bool = typer.Option(False, "--real", help="real CPU tensors instead of fake ones (small models only)"),
     as_json: bool = typer.Option(False, "--json", help="print the trace record (TraceResult.to_dict()) as JSON"),
@@ -117,7 +120,8 @@ def trace(
         arch = load_model(model)
         g = load_gpu(gpu)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
-                             optimizer_impl)
+                             optimizer_impl, trainer=trainer,
+                             trainer_options=_trainer_options(packing=packing, padding_free=padding_free))
         if attn is not None:
             from .arch import resolve_attention
             resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
@@ -125,7 +129,7 @@ def trace(
                                   double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
                                   adapter_size=adapter_size, adapter_kind=adapter_kind, virtual_tokens=virtual_tokens)
         options.update(explicit_grad_ckpt_options(method_name, grad_ckpt))
-        opts = spec.make_options(options)
+        spec.make_options(options)  # refuse inapplicable options before any work
         if out is not None and Path(out).exists() and not force:
             _fail(f"{out}: exists; use --force to overwrite")
         est = core_estimate(arch, method_name, training, g, options)
@@ -134,7 +138,8 @@ def trace(
         except ImportError as exc:
             _fail(f"the tracer needs the harness extra (pip install 'peftplan[harness]'): {exc}")
         try:
-            res = run_trace(arch, method_name, opts, est.training, steps=steps, real=real, model_name=arch.name)
+            res = run_trace(arch, method_name, dict(est.options), est.training, steps=steps, real=real,
+                            model_name=arch.name)
         except _harness_errors() as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         record = res.to_dict()

@@ -46,6 +46,11 @@ def suggestions(est: Estimate) -> list[str]:
 def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, advice: Any = None) -> None:
     console = Console()
     t = est.training
+    from .trainers import get_trainer
+
+    trainer = get_trainer(t.trainer)
+    console.print(f"trainer: [bold]{trainer.name}[/bold] (models {trainer.label}: {trainer.summary})"
+                  + (f" · {', '.join(t.trainer_options)}" if t.trainer_options else ""))
     console.print(
         f"[bold]{est.model}[/bold] · {est.method} · {est.gpu} ({fmt_gib(est.gpu_memory_bytes)}) · "
         f"batch {t.micro_batch} × seq {t.seq_len} × accum {t.grad_accum} · {t.precision} · {t.attention} · "
@@ -61,8 +66,9 @@ def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, adv
     table.add_column("GiB", justify="right")
     table.add_column("share", justify="right")
     peak = est.memory.peak_allocated_bytes
+    labels = {**COMPONENT_LABELS, **({"loss_logits": "LM-head tiles (fused loss)"} if trainer.loss != "full_logits" else {})}
     for key, value in sorted(est.memory.components.items(), key=lambda kv: -kv[1]):
-        table.add_row(COMPONENT_LABELS.get(key, key), f"{value / 2**30:,.2f}", f"{100 * value / peak:.1f}%")
+        table.add_row(labels.get(key, key), f"{value / 2**30:,.2f}", f"{100 * value / peak:.1f}%")
     table.add_section()
     table.add_row("[bold]peak allocated[/bold] (torch.cuda.max_memory_allocated)", f"[bold]{peak / 2**30:,.2f}[/bold]", "")
     table.add_row("peak reserved (caching allocator)", f"{est.memory.peak_reserved_bytes / 2**30:,.2f}", "")

@@ -109,6 +109,7 @@ class Estimate:
             "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "headroom_bytes": self.headroom_bytes,
             "assumptions": list(self.assumptions),
             "parallel": self.parallel,
+            "trainer": _trainer_block(self.training),
         }
         return out
 
@@ -118,6 +119,15 @@ class Estimate:
 
         rows = [{"component": k, "bytes": v} for k, v in self.memory.components.items()]
         return pd.DataFrame(rows)
+
+
+def _trainer_block(training: Training) -> dict[str, Any]:
+    """`--json`'s trainer: {name, version} (and the library whose version it is)."""
+    from .trainers import get_trainer
+
+    spec = get_trainer(training.trainer)
+    return {"name": spec.name, "library": spec.library, "version": spec.version,
+            "options": list(training.trainer_options)}
 
 
 def count_params(model: TunedModel) -> Params:
@@ -171,9 +181,17 @@ def _reserved(peak: int) -> tuple[int, int]:
 
 
 def build_tuned(arch: ModelArch, method: str, options: dict[str, Any] | None, training: Training) -> tuple[TunedModel, Any]:
+    """The method's model as the trainer runs it: the trainer's method-option defaults (options the user did not
+    set), then the method's build, then the trainer's casts (peftplan/trainers/)."""
+    from .trainers import get_trainer
+
     spec = get_method(method)
-    opts = spec.make_options(dict(options or {}))
-    return spec.build(arch, opts, training), opts
+    trainer = get_trainer(training.trainer)
+    opts = spec.make_options(trainer.method_options(method, options))
+    model = spec.build(arch, opts, training)
+    if trainer.adapt is not None:
+        model = trainer.adapt(model, training)
+    return model, opts
 
 
 def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
@@ -190,6 +208,11 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         assumptions.append(attention_note)
     if model.forces_grad_ckpt and not training.grad_ckpt:
         effective = effective.with_(grad_ckpt=True)
+    from .trainers import get_trainer
+
+    trainer = get_trainer(training.trainer)
+    if trainer.assumptions is not None:
+        assumptions.extend(trainer.assumptions(model, training))
     if training.attention == "flash":
         assumptions.append("flash attention memory modelled as SDPA's flash kernel (saves q, k, v, out, logsumexp)")
     counted = FlopCount()

@@ -109,6 +109,8 @@ def compare(models: Sequence[str | ModelArch], methods: Sequence[str], gpus: Seq
                         skipped.append(Skipped(arch.name, method, gpu.name, seq, str(exc).splitlines()[0]))
     if title is None:
         title = f"peftplan: {', '.join(a.name for a in archs)} · {', '.join(methods)} · {', '.join(g.name for g in devices)}"
+        if base.trainer != "hf":
+            title += f" · trainer {base.trainer}"
     return Comparison(estimates, skipped, base, title, notes)
 
 

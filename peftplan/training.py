@@ -66,6 +66,10 @@ class Training:
     shard: Shard = "none"
     offload: Offload = "none"
     gpus_per_node: int = 8  # HYBRID_SHARD shards within a node and replicates across nodes
+    # Who runs the step (peftplan/trainers/): "hf" is the bare transformers Trainer + peft step that every
+    # committed record was made with (a record without this field is that step); the CLI defaults to "trl".
+    trainer: str = "hf"
+    trainer_options: tuple[str, ...] = ()  # the trainer's switches that are on (e.g. "packing" for trl)
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "seq_len", "grad_accum"):
@@ -88,6 +92,11 @@ class Training:
             raise TrainingError("offload needs a sharded setup (--shard zero1/zero2/zero3 or fsdp-*)")
         if self.attention not in ATTENTIONS:
             raise TrainingError(f"unknown attention {self.attention!r} (choose from {', '.join(ATTENTIONS)})")
+        from .trainers import get_trainer
+
+        if isinstance(self.trainer_options, list):  # a record's JSON list
+            object.__setattr__(self, "trainer_options", tuple(self.trainer_options))
+        get_trainer(self.trainer).check_options(self.trainer_options)
 
     def with_(self, **changes: object) -> "Training":
         return replace(self, **changes)  # type: ignore[arg-type]

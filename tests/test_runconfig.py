@@ -92,10 +92,11 @@ def test_seed_axolotl_qlora(tmp_path):
     assert run.training["micro_batch"] == 1  # axolotl default micro_batch_size
     assert run.training["grad_ckpt"] is False
     ignored = run.ignored_keys()
-    for key in ("datasets", "sample_packing", "pad_to_sequence_len", "output_dir", "val_set_size",
-                "tokenizer_type", "lora_fan_in_fan_out", "lora_model_dir"):
+    for key in ("datasets", "output_dir", "val_set_size", "tokenizer_type", "lora_fan_in_fan_out", "lora_model_dir"):
         assert key in ignored, key
-    assert any(i.startswith("sample_packing: packing changes tokens per sequence") for i in run.ignored)
+    # packing keeps the per-step shapes peftplan models: read, not ignored
+    assert any(i.startswith("sample_packing: true: packing fills each sequence") for i in run.read)
+    assert "pad_to_sequence_len" in keys(run.read)
     accounted(run, yaml.safe_load(SEED_AXOLOTL_QLORA))
     text = "\n".join(run.describe())
     assert "llama2-7b" in text and "sample_packing" in text and "ignored" in text
@@ -140,13 +141,15 @@ def test_axolotl_training_keys(tmp_path):
     assert run.options == {"rank": 16, "alpha": 32, "dropout": 0.0, "targets": "q_proj,v_proj"}
     assert run.training == {
         "micro_batch": 4, "seq_len": 2048, "grad_accum": 8, "grad_ckpt": True, "attention": "flash",
-        "precision": "bf16-mixed", "optimizer": "paged-adamw",
+        "precision": "bf16-mixed", "optimizer": "paged-adamw", "trainer": "hf", "shard": "zero2",
     }
     ign = dict(i.split(": ", 1) for i in run.ignored)
-    assert "multi-GPU" in ign["deepspeed"]
+    # the ZeRO stage from the DeepSpeed file's name (the file is not there); the GPU count comes from --gpus
+    assert any(line.startswith("deepspeed: deepspeed_configs/zero2.json -> shard=zero2") for line in run.read)
     assert "learning_rate" in ign and "wandb_project" in ign and "tf32" in ign
     accounted(run, yaml.safe_load(AXOLOTL_FULLER))
-    est = estimate(load_model(run.model), run.method, Training(**run.training), load_gpu("a100-80g"), run.options)
+    one_gpu = {k: v for k, v in run.training.items() if k != "shard"}  # as the CLI does without --gpus
+    est = estimate(load_model(run.model), run.method, Training(**one_gpu), load_gpu("a100-80g"), run.options)
     assert est.memory.paged_optimizer_bytes > 0
 
 
@@ -249,11 +252,12 @@ TRAINING_ARGS = {
 
 def test_training_arguments_json(tmp_path):
     run = load_run_config(write(tmp_path, "training_args.json", TRAINING_ARGS))
-    assert run.source_format == "training-args"
+    # max_length / packing / dataset_text_field are SFTConfig's: a TRL file, run by the trl trainer
+    assert run.source_format == "trl-sftconfig"
     assert run.model is None and run.method is None  # plain TrainingArguments say nothing about the method
-    assert run.training == {"micro_batch": 2, "grad_accum": 16, "seq_len": 2048, "grad_ckpt": True,
-                            "precision": "bf16-mixed", "optimizer": "paged-adamw-8bit"}
-    assert "learning_rate" in run.ignored_keys() and "packing" in run.ignored_keys()
+    assert run.training == {"trainer": "trl", "micro_batch": 2, "grad_accum": 16, "seq_len": 2048,
+                            "grad_ckpt": True, "precision": "bf16-mixed", "optimizer": "paged-adamw-8bit"}
+    assert "learning_rate" in run.ignored_keys() and "packing" in keys(run.read)
     accounted(run, TRAINING_ARGS)
     Training(**run.training)
 
@@ -265,7 +269,9 @@ def test_transformers5_activation_checkpointing_and_sgd_momentum(tmp_path):
             "optim_args": "momentum=0.9,nesterov=True", "bf16": False, "fp16": False, "use_cache": False,
             "hub_token": "<HUB_TOKEN>", "torch_empty_cache_steps": 10}
     run = load_run_config(write(tmp_path, "args.json", args))
-    assert run.training == {"micro_batch": 1, "grad_ckpt": True, "optimizer": "sgd-momentum", "precision": "fp32"}
+    assert run.source_format == "training-args"  # no SFTConfig key: the bare transformers Trainer
+    assert run.training == {"trainer": "hf", "micro_batch": 1, "grad_ckpt": True, "optimizer": "sgd-momentum",
+                            "precision": "fp32"}
     assert "gradient_checkpointing" in run.ignored_keys() and "optim_args" in keys(run.read)
     assert not any("<HUB_TOKEN>" in line for line in run.describe())
     accounted(run, args)
@@ -279,7 +285,7 @@ def test_trl_recipe_with_model_config(tmp_path):
               "lora_target_modules: all-linear\nper_device_train_batch_size: 4\nmax_seq_length: 1024\n"
               "bf16: true\ngradient_checkpointing: true\nlearning_rate: 2.0e-4\n")
     run = load_run_config(write(tmp_path, "config_qlora.yaml", recipe))
-    assert run.source_format == "training-args"
+    assert run.source_format == "trl-sftconfig" and run.training["trainer"] == "trl"
     assert run.model == "mistral-7b" and run.method == "qlora"
     assert run.options == {"quant": "nf4", "double_quant": False, "rank": 16, "alpha": 32, "dropout": 0.05,
                            "targets": "all-linear"}  # TRL ModelConfig defaults for the absent lora_* keys

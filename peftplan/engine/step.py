@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from ..arch import Linear, ModelArch
 from ..dtypes import FP32, INT64, DType
+from ..trainers import get_trainer
 from ..training import Training
 from ..tuned import TunedModel
+from .losses import LOSSES
 from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
 from . import ops
 from .ops import Ctx, cast, linear
@@ -222,7 +224,11 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         proj = linear(ctx, h, params.head_linears[0], None, arch.head_in_features)  # OPT project_out
         tape.drop(h)
         h = proj
-    loss = loss_forward(ctx, arch, h, head, arch.vocab_size, B * training.seq_len)
+    loss_key = get_trainer(training.trainer).loss_for(training.trainer_options)  # the trainer's loss (losses.py)
+    if loss_key == "full_logits":
+        loss = loss_forward(ctx, arch, h, head, arch.vocab_size, B * training.seq_len)
+    else:
+        loss = LOSSES[loss_key](ctx, arch, h, head, B, training.seq_len, model.virtual_tokens)
     tape.drop(h)
     if encoder_out is not None:
         tape.drop(encoder_out)

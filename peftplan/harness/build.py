@@ -633,8 +633,15 @@ def build_meta(arch: ModelArch, method: str, options: Any = None, training: Trai
                device: str = "cpu") -> BuiltModel:
     """Everything up to materialization: the model on the meta device, methods applied."""
     training = training or Training()
+    from ..trainers import get_trainer
+
+    trainer = get_trainer(training.trainer)
+    if options is None or isinstance(options, dict):
+        options = trainer.method_options(method, options)
     opts = coerce_options(method, options)
     tuned = get_method(method).build(arch, opts, training)
+    if trainer.adapt is not None:
+        tuned = trainer.adapt(tuned, training)
     impl, note = attn_implementation(training, device)
     notes = [note] if note else []
     with warnings.catch_warnings():
@@ -666,6 +673,10 @@ def build_meta(arch: ModelArch, method: str, options: Any = None, training: Trai
             import peft
             with torch.device("meta"):
                 model = peft.get_peft_model(base, pcfg)
+        if training.trainer == "trl":  # SFTTrainer.__init__'s changes to the model (harness/trl_step.py)
+            from .trl_step import prepare
+
+            prepare(model, base, bool(quant_modules), bool(_gc_info(base)["grad_ckpt"]))
         if kbit_prep:  # prepare_model_for_kbit_training upcast the non-quantized parameters to fp32
             specs = {k: ParamSpec(torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype,
                                   False, v.role) for k, v in specs.items()}

@@ -210,6 +210,8 @@ def trace_fsdp(arch: ModelArch, method: str, options: Any = None, training: Trai
         raise NotTraceable(f"the FSDP2 trace covers fsdp-full and fsdp-grad-op, not {training.shard}")
     if training.offload != "none":
         raise NotTraceable("CPU offload is not traced (FSDP2 CPUOffloadPolicy needs pinned host memory)")
+    if training.trainer != "hf":
+        raise NotTraceable(f"the FSDP2 trace runs the bare step (trainer hf), not trainer {training.trainer}")
     n = training.n_gpus
     opts = coerce_options(method, options)
     try:

@@ -433,7 +433,7 @@ def run_steps(built: Any, meter: MemoryMeter, training: Any, warmup: int, steps:
                 meter.inputs(batch)
                 meter.begin("forward", step, mb)
                 with meter.saving():
-                    loss = forward_loss(model, batch, amp, training.grad_accum)
+                    loss = forward_loss(model, batch, amp, training.grad_accum, training.trainer)
                     meter.end_forward()
                     meter.begin("backward", step, mb)
                     loss.backward()

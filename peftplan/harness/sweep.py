@@ -102,6 +102,8 @@ class RunConfig:
             parts.append(f"ga{t['grad_accum']}")
         if t.get("n_gpus", 1) > 1:
             parts.append(f"{t['shard']}-x{t['n_gpus']}")
+        if t.get("trainer", "hf") != "hf":
+            parts.append(str(t["trainer"]))
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(str(p) for p in parts)).strip("-")
 
     def key(self, device: str, capacity_bytes: int | None = None) -> str:
@@ -346,6 +348,8 @@ def _label(rc: RunConfig) -> str:
         bits.append(f"ga{t['grad_accum']}")
     if t.get("n_gpus", 1) > 1:
         bits.append(f"{t['shard']} x{t['n_gpus']}")
+    if t.get("trainer", "hf") != "hf":
+        bits.append(f"trainer {t['trainer']}")
     return " ".join(str(b) for b in bits)
 
 

@@ -112,9 +112,13 @@ class MemoryTracker(TorchDispatchMode):
     """Records every storage allocated by ops run under it, and frees via weakref finalizers."""
 
     def __init__(self, *, vocab_size: int, min_logit_rows: int, count_flops: bool = True,
-                 emulate_cuda: bool = True, record_events: bool = False):
+                 emulate_cuda: bool = True, record_events: bool = False, logit_widths: tuple[int, ...] = (),
+                 rewrite: Any = None):
         super().__init__()
         self.vocab = vocab_size
+        # last dims filed under loss_logits besides the vocabulary (TRL's fused head: its 32768-wide tiles)
+        self.logit_widths = {vocab_size, *logit_widths}
+        self.rewrite = rewrite  # (func, args, kwargs) -> output or NotImplemented (trl_step.BoolIndexRewrite)
         self.min_logit_rows = min_logit_rows
         self.emulate_cuda = emulate_cuda
         self.record_events = record_events
@@ -166,7 +170,7 @@ class MemoryTracker(TorchDispatchMode):
         rec = _Rec(key, round_block(raw), raw, self.phase_idx, op, shape, dtype, self._current_module(),
                    bool(self.in_recompute) or (self.phase_kind == "backward" and bool(self.module_stack)))
         rec.fixed = fixed
-        if fixed is None and len(shape) >= 2 and shape[-1] == self.vocab:
+        if fixed is None and len(shape) >= 2 and shape[-1] in self.logit_widths:
             rows = math.prod(shape[:-1])
             rec.logits = rows >= self.min_logit_rows
         rec.alloc = len(self.events)
@@ -251,7 +255,9 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         hidden = self._kernel_temporaries(func, args, kwargs)
-        out = func(*args, **kwargs)
+        out = NotImplemented if self.rewrite is None else self.rewrite(func, args, kwargs)
+        if out is NotImplemented:
+            out = func(*args, **kwargs)
         name = _op_name(func)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -261,7 +267,12 @@ class MemoryTracker(TorchDispatchMode):
         if self.count_flops and self.phases[self.phase_idx][1] <= 1 and self.phases[self.phase_idx][2] <= 1:
             f = self._registry.get(func._overloadpacket)
             if f is not None:
-                n = int(f(*args, **kwargs, out_val=out))
+                # aten.addmm.dtype_out (TRL's fused head: `addmm(acc, a, b, out_dtype=fp32, out=acc)`) passes
+                # out_dtype, beta, alpha, out: the formula takes the three operands' shapes
+                fargs, kw = args, kwargs
+                if func._overloadpacket is torch.ops.aten.addmm and ("out_dtype" in kwargs or len(args) > 3):
+                    fargs, kw = args[:3], {}
+                n = int(f(*fargs, **kw, out_val=out))
                 kind = self.phase_kind
                 if kind == "backward" and (self.in_recompute or self.module_stack):
                     self.flops["recompute"] += n
@@ -696,14 +707,21 @@ def environment() -> dict[str, str]:
 # ---- the step --------------------------------------------------------------------------------------
 
 
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: Any, grad_accum: int) -> torch.Tensor:
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp: Any, grad_accum: int,
+                 trainer: str = "hf") -> torch.Tensor:
     """Forward with labels under `amp`; the loss divided by `grad_accum` as the HF Trainer does.
 
     The model output (logits) goes out of scope on return, before the caller marks the forward's end,
-    exactly as the Trainer drops it. Shared by the CPU tracer, the FSDP2 tracer and the GPU profiler."""
+    exactly as the Trainer drops it. Shared by the CPU tracer, the FSDP2 tracer and the GPU profiler.
+    `trainer="trl"`: TRL's own `SFTTrainer.compute_loss` (harness/trl_step.py) instead of `model(**batch).loss`."""
     with amp:
-        out = model(**batch)
-        loss = out.loss if hasattr(out, "loss") else out["loss"]
+        if trainer == "trl":
+            from .trl_step import compute_loss
+
+            loss = compute_loss(model, batch)
+        else:
+            out = model(**batch)
+            loss = out.loss if hasattr(out, "loss") else out["loss"]
         if grad_accum > 1:
             loss = loss / grad_accum
     return loss
@@ -729,7 +747,14 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
     training = training.with_(attention=attention)
     if steps < 1:
         raise HarnessError("steps must be >= 1")
+    from ..trainers import get_trainer
+
+    if options is None or isinstance(options, dict):  # the trainer's method-option defaults (TRL: no kbit prep)
+        options = get_trainer(training.trainer).method_options(method, options)
     opts = coerce_options(method, options)
+    if "liger" in training.trainer_options:
+        raise NotTraceable("Liger's kernels are Triton-only and cannot run on the CPU tracer: the estimate models "
+                           "them from source")
     t0 = time.perf_counter()
     try:
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
@@ -748,8 +773,17 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
         if built.optimizer is None:
             raise NotTraceable(built.optimizer_error or "no optimizer")
         extra = built.tuned.virtual_tokens
+        widths: tuple[int, ...] = ()
+        rewrite = None
+        if training.trainer == "trl":
+            from ..engine.losses import TRL_VOCAB_TILE
+            from .trl_step import BoolIndexRewrite
+
+            widths = (TRL_VOCAB_TILE,)
+            rewrite = BoolIndexRewrite(skip=max(extra - 1, 0))
         tracker = MemoryTracker(vocab_size=arch.vocab_size, min_logit_rows=training.micro_batch,
-                                count_flops=flops, emulate_cuda=emulate_cuda, record_events=record_events)
+                                count_flops=flops, emulate_cuda=emulate_cuda, record_events=record_events,
+                                logit_widths=widths, rewrite=rewrite)
         result_summary = _run(built, tracker, fake_mode, training, steps, emulate_cuda, record_events, seed)
     finally:
         if gc_was_enabled:
@@ -837,7 +871,12 @@ def _steps(built, tracker, ctx, training, steps, emulate_cuda, amp, gen, grad_ha
            pack, unpack) -> dict[str, Any]:
     model, opt, arch = built.model, built.optimizer, built.arch
     mbs = min(training.grad_accum, 2)
-    with ctx, _patched(tracker, emulate_cuda), _module_hooks(tracker, model), tracker:
+    trl_path = contextlib.nullcontext()
+    if training.trainer == "trl" and emulate_cuda:
+        from .trl_step import cuda_triton_path
+
+        trl_path = cuda_triton_path()
+    with ctx, _patched(tracker, emulate_cuda), trl_path, _module_hooks(tracker, model), tracker:
         _register_model(tracker, built)
         for p in model.parameters():
             if p.requires_grad:
@@ -852,7 +891,7 @@ def _steps(built, tracker, ctx, training, steps, emulate_cuda, amp, gen, grad_ha
                         tracker.track(t, "input", fixed="inputs")
                     tracker.set_phase("forward", step, mb)
                     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-                        loss = forward_loss(model, batch, amp, training.grad_accum)
+                        loss = forward_loss(model, batch, amp, training.grad_accum, training.trainer)
                         tracker.end_forward()
                         tracker.set_phase("backward", step, mb)
                         loss.backward()

@@ -1,0 +1,131 @@
+"""Liger's fused linear cross-entropy (liger-kernel 0.8.2), modelled from its source: Triton does not run on a CPU,
+so no trace checks this model; estimates that use it say "modelled from source" until a GPU record confirms it.
+
+How the model's forward reaches it: `apply_liger_kernel_to_llama(fused_linear_cross_entropy=True)` (what
+`TrainingArguments(use_liger_kernel=True)` and axolotl's LigerPlugin call) replaces `LlamaForCausalLM.forward` with
+`lce_forward`, which hands the final norm's output (a view, `logits_to_keep=0`) and `lm_head.weight` to
+`LigerForCausalLMLoss` (src/liger_kernel/transformers/model/loss_utils.py 67-110) and never calls the head.
+
+Allocations, in order (src/liger_kernel/ops/fused_linear_cross_entropy.py; BT = B x T rows, H hidden, V vocabulary,
+cd the autocast dtype, else the hidden dtype):
+  loss_utils.py 88-89   labels padded by one ignore_index column (B x (T+1) int64), then the shifted labels
+                        made contiguous (B x T int64); both alive until the loss returns
+  ops 68-69             chunk = next_power_of_2(ceil(BT / ceil(V / H))) rows per chunk
+  ops 72                grad_input = zeros_like(hidden): BT x H, hidden dtype
+  ops 76-81             grad_weight = zeros_like(weight) when the head is trainable (accum_dtype None: its dtype)
+  ops 86                loss_1d: BT fp32
+  ops 92                target_mask: BT bool
+  per chunk, ops 114    logits_chunk = input_chunk @ weight.t(): chunk x V in cd (autocast casts a non-cd input
+                        chunk and a non-cd weight first, as temporaries); the Triton kernel (ops 162-197) writes
+                        the loss and, in place, the logits' gradient; the previous chunk's logits are freed only
+                        when the name is rebound, so two chunks are alive at that moment
+  ops 231               grad_input[rows] = grad_logits @ weight: a chunk x H product (cd) copied into grad_input
+  ops 245-257           grad_weight: `addmm(out_dtype=fp32, out=grad_weight)` in place on compute capability >= 8
+                        with an fp32 grad_weight (modelled); older GPUs take `grad_weight += mm(...).float()`,
+                        two V x H temporaries (not modelled: stated as an assumption)
+  ops 431-435           save_for_backward(grad_input, grad_weight): alive into backward
+backward, ops 292-330   `element_mul_kernel` scales grad_input / grad_weight in place; grad_input is the final norm
+                        output's gradient and grad_weight the head's (no new allocation)
+"""
+
+from __future__ import annotations
+
+from ..arch import ModelArch
+from ..dtypes import BOOL, FP32, INT64
+from .autograd import Node, Param, Tape
+from .ops import COUNTER, Ctx, count_matmul
+from .sim import Tensor
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def liger_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
+    """ops/fused_linear_cross_entropy.py 68-69: rows per chunk so a logits chunk is about the size of the input."""
+    inc_factor = -(-vocab // hidden)
+    return _next_power_of_2(-(-rows // inc_factor))
+
+
+def liger_flce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,
+               virtual_tokens: int) -> Tensor:
+    """Liger's fused linear cross-entropy through `LigerForCausalLMLoss` (module docstring)."""
+    from .losses import LossError
+
+    if arch.task != "causal-lm":
+        raise LossError(f"Liger's fused linear cross-entropy patches causal LMs; {arch.name} is {arch.task}")
+    tape, alloc = ctx.tape, ctx.tape.alloc
+    H, V = arch.head_in_features, arch.vocab_size
+    T = seq_len + virtual_tokens
+    BT = batch * T
+    hd, wd = h.dtype, head.dtype
+    cd = ctx.autocast or hd
+    head_t = tape.param_tensor(head)
+    needs = h.requires_grad or head.trainable
+
+    padded = alloc.new(batch * (T + 1), INT64, "inputs")
+    shifted = alloc.new(BT, INT64, "inputs")
+    grad_input = alloc.new(BT * H, hd, "saved_activations", label="liger grad_input")
+    grad_weight = alloc.new(V * H, wd, "saved_activations", label="liger grad_weight") if head.trainable else None
+    loss_1d = alloc.new(BT, FP32, "temporaries")
+    mask = alloc.new(BT, BOOL, "temporaries")
+    chunk = liger_chunk_rows(BT, H, V)
+    logits = None
+    for start in range(0, BT, chunk):
+        n = min(chunk, BT - start)
+        x_cast = alloc.new(n * H, cd, "temporaries") if hd != cd else None
+        w_cast = alloc.new(V * H, cd, "temporaries") if wd != cd else None
+        new_logits = alloc.new(n * V, cd, "loss_logits", label="liger logits_chunk")
+        alloc.release(w_cast)
+        alloc.release(x_cast)
+        alloc.release(logits)  # `logits_chunk = ...` rebinds: the previous chunk dies after the new one exists
+        logits = new_logits
+        if h.requires_grad:
+            w_cast = alloc.new(V * H, cd, "temporaries") if wd != cd else None
+            prod = alloc.new(n * H, cd, "temporaries")
+            alloc.release(w_cast)
+            alloc.release(prod)
+        if grad_weight is not None and hd != cd:
+            alloc.spike(alloc_bytes(cd, n * H))  # input_chunk.to(grad_logits dtype) for the in-place addmm
+    count_matmul(2 * BT * H * V, h.requires_grad, head.trainable)
+    c = COUNTER[0]
+    if c is not None and h.requires_grad:
+        c.forward += 2 * BT * H * V  # grad_input = grad_logits @ weight, computed in the forward (ops 231)
+        c.backward_input -= 2 * BT * H * V  # ... so nothing of it is left for backward
+    loss = alloc.new(1, FP32, "temporaries", needs, "loss")
+    for t in (logits, loss_1d, mask, padded, shifted):
+        alloc.release(t)
+
+    def backward(tp: Tape, node: Node) -> None:
+        g = tp.grads.pop(id(node.outputs[0]), None)
+        tp.alloc.release(g)
+        if grad_weight is not None:
+            param = tp.leaf_params[id(head_t)]
+            if param.grad is None or not param.grad.alive:  # AccumulateGrad takes the returned tensor itself
+                tp.alloc.retain(grad_weight)
+                tp.alloc.recategorize(grad_weight, "grads")
+                param.grad = grad_weight
+                tp._seen.add(id(param))
+            else:
+                tp._grad_for(head_t)
+        if h.requires_grad:
+            tp._grad_for(h, alias=grad_input)  # the saved grad_input is the final norm output's gradient
+        for t in node.saved:
+            tp.alloc.release(t)
+
+    inputs = [h] if h.requires_grad else []
+    if head.trainable:
+        inputs.append(head_t)
+    saved = [grad_input] + ([grad_weight] if grad_weight is not None else [])
+    if needs:
+        tape.nodes.append(Node("liger_fused_linear_cross_entropy", inputs, [loss], saved, custom=backward))
+    else:
+        for t in saved:
+            alloc.release(t)
+    return loss
+
+
+def alloc_bytes(dtype, numel: int) -> int:  # type: ignore[no-untyped-def]
+    from .sim import rounded
+
+    return rounded(dtype.bytes_for(numel))

@@ -1,0 +1,28 @@
+"""Trainers, registered by name (see base.py): `hf` (the bare transformers Trainer + peft step), `trl` (TRL's
+SFTTrainer) and `llamafactory` (LLaMA-Factory's SFT, modelled from source). The CLI's `--trainer` choices and `peftplan trainers` read this registry."""
+
+from __future__ import annotations
+
+from .base import Default, TrainerError, TrainerSpec, register, registry
+from . import hf as _hf  # noqa: F401  (registers)
+from . import llamafactory as _llamafactory  # noqa: F401  (registers)
+from . import trl as _trl  # noqa: F401  (registers)
+
+__all__ = ["Default", "TrainerError", "TrainerSpec", "register", "registry", "get_trainer", "trainer_names",
+           "CLI_DEFAULT_TRAINER"]
+
+# What `peftplan estimate` models when --trainer is not given: TRL's SFTTrainer, the trainer the HF docs teach for
+# supervised fine-tuning. The Python API's `Training()` keeps `trainer="hf"`, the bare step every committed record
+# and test was made with (README, "Which trainer?").
+CLI_DEFAULT_TRAINER = "trl"
+
+
+def trainer_names() -> tuple[str, ...]:
+    return tuple(registry())
+
+
+def get_trainer(name: str) -> TrainerSpec:
+    spec = registry().get(name)
+    if spec is None:
+        raise TrainerError(f"unknown trainer {name!r} (choose from {', '.join(trainer_names())})")
+    return spec
