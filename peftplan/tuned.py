@@ -110,6 +110,7 @@ class ExtraParam:
     numel: int
     dtype: DType
     trainable: bool
+    rows: int = 0  # a matrix's first dimension (0 = one-dimensional): Adafactor factors matrices
 
 
 @dataclass(frozen=True)

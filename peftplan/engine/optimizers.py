@@ -28,6 +28,11 @@ class OptimizerCost:
     state_bytes: int
     paged_bytes: int
     scratch_bytes: int  # alive at once during that tensor's update (for-loop) or per list (foreach)
+    # One parameter at a time (torch's for-loop implementations, transformers' Adafactor): the peak of this
+    # tensor's own update, and what the Python loop variables keep alive until the next tensor's update
+    # rebinds them (`denom` in torch/optim/adamw.py _single_tensor_adamw, `update` in Adafactor.step).
+    loop_peak_bytes: int = 0
+    leftover_bytes: int = 0
 
 
 def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tuple[int, int] | None) -> OptimizerCost:
@@ -39,9 +44,12 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
         states = 2 * r(numel, dtype)
         step = r(1, FP32) if impl == "fused" else 0  # fused keeps `step` on the device
         scratch = 0 if impl == "fused" else r(numel, dtype)
+        # _single_tensor_adamw: `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: the sqrt and
+        # the quotient alive together; `denom` survives into the next parameter's iteration
+        loop = (2 * scratch, scratch)
         if optimizer == "paged-adamw":
-            return OptimizerCost(step, states, scratch)
-        return OptimizerCost(states + step, 0, scratch)
+            return OptimizerCost(step, states, scratch, *loop)
+        return OptimizerCost(states + step, 0, scratch, *loop)
     if optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         if numel < BNB_MIN_8BIT_SIZE:
             states = 2 * r(numel, FP32)
@@ -56,7 +64,7 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
     if optimizer == "sgd-momentum":
         return OptimizerCost(r(numel, dtype), 0, 0 if impl == "fused" else 0)
     if optimizer == "lion":
-        return OptimizerCost(r(numel, dtype), 0, r(numel, dtype))
+        return OptimizerCost(r(numel, dtype), 0, r(numel, dtype), 2 * r(numel, dtype), 0)
     if optimizer == "adafactor":
         if shape2d is not None:
             rows, cols = shape2d
@@ -69,16 +77,16 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
         # alive through its whole update. The previous parameter's `update` is freed only when this one's
         # is assigned (adafactor_step_scratch).
         copies = 2 * r(numel, FP32) if dtype.bits < 32 else 0
-        return OptimizerCost(state, 0, 2 * r(numel, FP32) + copies)
+        own = 2 * r(numel, FP32) + copies
+        return OptimizerCost(state, 0, own, own, r(numel, FP32))
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
-def adafactor_step_scratch(numels: list[int], costs: list[OptimizerCost]) -> int:
-    """Peak scratch of transformers' Adafactor.step over parameters updated in `numels` order: one
-    parameter's own temporaries plus the previous parameter's fp32 `update`, which the Python loop
-    variable keeps alive until the next `update = (grad**2) + eps` is assigned (optimization.py)."""
-    peak, previous_update = 0, 0
-    for numel, cost in zip(numels, costs):
-        peak = max(peak, previous_update + cost.scratch_bytes)
-        previous_update = rounded(FP32.bytes_for(numel))
+def sequential_step_scratch(costs: list[OptimizerCost]) -> int:
+    """Peak scratch of an optimizer that updates one parameter at a time, in `costs` order: a tensor's own
+    update peak plus what the previous iteration left alive (OptimizerCost.leftover_bytes)."""
+    peak, previous = 0, 0
+    for cost in costs:
+        peak = max(peak, previous + cost.loop_peak_bytes)
+        previous = cost.leftover_bytes
     return peak

@@ -805,26 +805,20 @@ def virtual_prompt(ctx: Ctx, model: TunedModel, params: ModelParams, h: Tensor) 
     x = tape.new(vt * d, table.dtype, True, "prompt_embedding")
     tape.record("embedding", [tape.param_tensor(table)], [x], [idx])
     tape.drop(idx)
-    mlp = by_name.get("prompt_encoder.mlp_head")
-    if mlp is not None:
-        w = tape.param_tensor(mlp)
-        dt = ctx.autocast or mlp.dtype
-        for i in range(3):
-            xc = cast(ctx, x, dt)
-            wc = tape.new(d * d, dt, True, "weight_cast") if dt != mlp.dtype else tape.alloc.retain(w)
-            if wc is not w:
-                tape.record("to", [w], [wc], [])
-            out = tape.new(vt * d, dt, True, "prompt_mlp")
-            tape.record("linear", [xc, wc], [out], [xc, wc])
-            count_matmul(2 * vt * d * d, True, True)
-            tape.drop(xc, wc, x)
-            if i < 2:
-                r = tape.new(out.numel, dt, True, "relu")
-                tape.record("relu", [out], [r], [r])
+    if "prompt_encoder.mlp_head.0.weight" in by_name:
+        # the MLP runs on the vt prompt rows: Linear ReLU Linear ReLU Linear; `linear` casts each trainable
+        # weight once per forward under autocast (cached) and saves what its backward needs; ReLU its output
+        tokens, ctx.tokens = ctx.tokens, vt
+        for i in (0, 2, 4):
+            w, b = by_name[f"prompt_encoder.mlp_head.{i}.weight"], by_name[f"prompt_encoder.mlp_head.{i}.bias"]
+            out = linear(ctx, x, w, b, w.numel // (b.numel or 1))
+            tape.drop(x)
+            if i < 4:
+                x = elementwise(ctx, "relu", out, save_inputs=False, save_output=True)
                 tape.drop(out)
-                x = r
             else:
                 x = out
+        ctx.tokens = tokens
     p = cast(ctx, x, h.dtype)
     tape.drop(x)
     tape.record("cat", [p], [h], [])

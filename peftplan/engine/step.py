@@ -23,7 +23,7 @@ from .losses import LOSSES
 from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
 from . import ops
 from .ops import Ctx, cast, linear
-from .optimizers import OptimizerCost, adafactor_step_scratch, tensor_cost
+from .optimizers import OptimizerCost, sequential_step_scratch, tensor_cost
 from .program import (BlockParams, LinearParams, ModelParams, block_forward, embeddings_out, head_transform,
                       loss_forward, stack_end, virtual_prompt)
 from .sim import Allocator, Peak, Tensor, rounded
@@ -128,7 +128,7 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
     head = None
     if not arch.tie_word_embeddings:
         head = param(arch.vocab_size * arch.head_in_features, model.head_dtype, model.head_trainable, arch.vocab_size)
-    extra = [param(e.numel, e.dtype, e.trainable) for e in model.extra_params]
+    extra = [param(e.numel, e.dtype, e.trainable, e.rows) for e in model.extra_params]
     return ModelParams(embedding, others, blocks, final_norms, head, head_linears, extra), trainables, quant_bytes
 
 
@@ -328,16 +328,18 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
     state_bytes = paged = 0
     step_scratch = 0
     shapes = _param_shapes(params, model.arch)
+    for e, p in zip(model.extra_params, params.extra):  # soft prompts, prompt encoders, prefix tables
+        if e.rows:
+            shapes[id(p)] = (e.rows, e.numel // e.rows)
     costs = [tensor_cost(training.optimizer, training.optimizer_impl, p.numel, p.dtype, shapes.get(id(p)))
              for p in trainables] if plan is None else sharding.optimizer_costs(plan, trainables, shapes)
     state_bytes = sum(c.state_bytes for c in costs)
     paged = sum(c.paged_bytes for c in costs)
-    if training.optimizer == "adafactor":  # one implementation, whatever optimizer_impl says
-        step_scratch = adafactor_step_scratch(*_in_optimizer_order(trainables, costs, shapes))
+    # transformers' Adafactor has one (per-parameter) implementation, whatever optimizer_impl says
+    if training.optimizer == "adafactor" or training.optimizer_impl == "for-loop":
+        step_scratch = sequential_step_scratch(_in_optimizer_order(trainables, costs, shapes))
     elif training.optimizer_impl == "foreach":
         step_scratch = sum(c.scratch_bytes for c in costs)
-    elif training.optimizer_impl == "for-loop":
-        step_scratch = max((c.scratch_bytes for c in costs), default=0) * 2
     else:
         step_scratch = 0 if training.optimizer.startswith("adamw") or training.optimizer.startswith("paged") \
             else max((c.scratch_bytes for c in costs), default=0)
@@ -373,15 +375,14 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
 
 
 def _in_optimizer_order(trainables: list[Param], costs: list["OptimizerCost"],
-                        shapes: dict[int, tuple[int, int]]) -> tuple[list[int], list["OptimizerCost"]]:
-    """Numels and costs in the order the optimizer updates them: HF Trainer's two parameter groups,
+                        shapes: dict[int, tuple[int, int]]) -> list["OptimizerCost"]:
+    """Costs in the order the optimizer updates the parameters: HF Trainer's two parameter groups,
     weight-decayed matrices first, then biases and norm weights (`get_decay_parameter_names`; the
     harness's make_optimizer), each in module order. 2-D tensors (those with a shape here) stand for the
     first group; the rest (biases, norms, 1-D vectors) for the second."""
-    decay = [(p.numel, c) for p, c in zip(trainables, costs) if id(p) in shapes]
-    rest = [(p.numel, c) for p, c in zip(trainables, costs) if id(p) not in shapes]
-    ordered = decay + rest
-    return [n for n, _ in ordered], [c for _, c in ordered]
+    decay = [c for p, c in zip(trainables, costs) if id(p) in shapes]
+    rest = [c for p, c in zip(trainables, costs) if id(p) not in shapes]
+    return decay + rest
 
 
 def _param_shapes(params: ModelParams, arch: ModelArch | None = None) -> dict[int, tuple[int, int]]:

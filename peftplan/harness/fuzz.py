@@ -10,7 +10,9 @@ by a class in `KNOWN_DEVIATIONS` (shown by `peftplan check` and benchmarks/fuzz_
 The hypothesis strategies (`cases()`) draw every dimension the tracer can run on a CPU. Left out, and
 why: the bitsandbytes 8-bit/paged optimizers and Lion (CUDA-only kernels: `make_optimizer` refuses them
 on CPU), flash attention (traced as SDPA on a CPU, which is what the engine models it as), sharding
-(checked by tests/test_sharding.py on the fake process group). tests/test_fuzz.py runs a bounded,
+(checked by tests/test_sharding.py on the fake process group), trainer switches (Liger is CUDA-only).
+Trainers: `hf` (the bare step) and `trl` (SFTTrainer's fused LM-head loss, traced through TRL's code).
+tests/test_fuzz.py runs a bounded,
 seeded sample in the default test run; benchmarks/fuzz_vs_trace.py runs >= 2,000 examples.
 """
 
@@ -36,6 +38,7 @@ FAMILY_MODELS = ("llama3.2-1b", "llama3-8b", "tinyllama-1.1b", "mistral-7b", "qw
 # What a CPU trace can run (harness/build.py make_optimizer refuses the others off CUDA).
 CPU_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
+TRACED_TRAINERS = ("hf", "trl")
 GPU = load_gpu("h200")  # capacity does not enter the peak
 
 
@@ -202,6 +205,9 @@ def cases(models: tuple[str, ...] = FAMILY_MODELS, methods: tuple[str, ...] | No
             "optimizer": d(st.sampled_from(CPU_OPTIMIZERS)),
             "optimizer_impl": d(st.sampled_from(("fused", "foreach", "for-loop"))),
         }
+        # the trainers whose step the CPU tracer runs through the real code (TRL: SFTTrainer.compute_loss);
+        # llamafactory is modelled from source and has no traced step
+        training["trainer"] = d(st.sampled_from(TRACED_TRAINERS))
         if training["optimizer"] == "adafactor":
             training["optimizer_impl"] = "for-loop"  # transformers' Adafactor has one implementation
         return FuzzCase(model, layers, method, options, training)

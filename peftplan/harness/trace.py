@@ -752,6 +752,10 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
     if options is None or isinstance(options, dict):  # the trainer's method-option defaults (TRL: no kbit prep)
         options = get_trainer(training.trainer).method_options(method, options)
     opts = coerce_options(method, options)
+    if training.trainer == "trl" and arch.task != "causal-lm":
+        # SFTTrainer's loss (chunked LM-head log-probs of shifted labels) is next-token prediction; peftplan
+        # models and traces it for causal LMs only, and the engine refuses the same (engine/losses.py)
+        raise NotTraceable(f"TRL's SFTTrainer loss is modelled for causal LMs; {arch.name} is {arch.task}")
     if "liger" in training.trainer_options:
         raise NotTraceable("Liger's kernels are Triton-only and cannot run on the CPU tracer: the estimate models "
                            "them from source")

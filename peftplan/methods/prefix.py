@@ -37,7 +37,7 @@ def build(arch: ModelArch, options: PrefixOptions, training: Training) -> TunedM
     base = uniform_model(arch, "prefix", frozen_base_dtype(training), trainable=False)
     n_layers = config_num_layers(arch)
     table = ExtraParam("prompt_encoder.embedding", options.virtual_tokens * n_layers * 2 * token_dim(arch),
-                       ADAPTER_DTYPE, True)
+                       ADAPTER_DTYPE, True, options.virtual_tokens)  # nn.Embedding(num_virtual_tokens, ...)
     blocks = tuple(replace(b, prefix_tokens=options.virtual_tokens) for b in base.blocks)
     return replace(base, blocks=blocks, extra_params=(table,))
 

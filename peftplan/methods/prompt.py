@@ -26,7 +26,7 @@ def build(arch: ModelArch, options: PromptOptions, training: Training) -> TunedM
     check_virtual_tokens(options.virtual_tokens)
     base = uniform_model(arch, "prompt", frozen_base_dtype(training), trainable=False)
     rows = options.virtual_tokens * submodules(arch)
-    table = ExtraParam("prompt_encoder.embedding", rows * arch.hidden_size, ADAPTER_DTYPE, True)
+    table = ExtraParam("prompt_encoder.embedding", rows * arch.hidden_size, ADAPTER_DTYPE, True, rows)
     return replace(base, virtual_tokens=options.virtual_tokens, extra_params=(table,))
 
 

@@ -28,9 +28,16 @@ def build(arch: ModelArch, options: PTuningOptions, training: Training) -> Tuned
     d = arch.hidden_size
     h = d  # encoder_hidden_size default = token_dim
     rows = options.virtual_tokens * submodules(arch)
+    # peft tuners/p_tuning/model.py PromptEncoder (MLP): embedding, then Linear(d, h) ReLU Linear(h, h) ReLU
+    # Linear(h, d), each weight and bias its own parameter (named mlp_head.{0,2,4}.weight / .bias)
     params = (
-        ExtraParam("prompt_encoder.embedding", rows * d, ADAPTER_DTYPE, True),
-        ExtraParam("prompt_encoder.mlp_head", (d * h + h) + (h * h + h) + (h * d + d), ADAPTER_DTYPE, True),
+        ExtraParam("prompt_encoder.embedding", rows * d, ADAPTER_DTYPE, True, rows),
+        ExtraParam("prompt_encoder.mlp_head.0.weight", h * d, ADAPTER_DTYPE, True, h),
+        ExtraParam("prompt_encoder.mlp_head.0.bias", h, ADAPTER_DTYPE, True),
+        ExtraParam("prompt_encoder.mlp_head.2.weight", h * h, ADAPTER_DTYPE, True, h),
+        ExtraParam("prompt_encoder.mlp_head.2.bias", h, ADAPTER_DTYPE, True),
+        ExtraParam("prompt_encoder.mlp_head.4.weight", d * h, ADAPTER_DTYPE, True, d),
+        ExtraParam("prompt_encoder.mlp_head.4.bias", d, ADAPTER_DTYPE, True),
     )
     return replace(base, virtual_tokens=options.virtual_tokens, extra_params=params)
 
