@@ -57,6 +57,15 @@ def test_a_refusal_only_the_engine_makes_is_not_acceptable():
     off = fuzz.FuzzOutcome(case, engine_bytes=102, trace_bytes=100)
     near = fuzz.FuzzOutcome(case, engine_bytes=1005, trace_bytes=1000)
     broken = fuzz.FuzzOutcome(case, engine_bytes=100, trace_error="RuntimeError: tracer")
-    assert fuzz.is_acceptable(both) and fuzz.is_acceptable(near)
+    refused_and_failing = fuzz.FuzzOutcome(case, engine_refusal="x", trace_error="RuntimeError: cat")
+    assert fuzz.is_acceptable(both) and fuzz.is_acceptable(near) and fuzz.is_acceptable(refused_and_failing)
     assert not any(fuzz.is_acceptable(o) for o in (engine_only, trace_only, off, broken))
     assert off.verdict == "deviation" and broken.verdict == "trace-error"
+
+
+def test_a_stack_failure_is_refused_by_the_engine_too():
+    """OPT-350m's embeddings (512) are narrower than the soft prompt (hidden 1024): the real step fails in
+    torch.cat, and the engine refuses the configuration instead of printing a number."""
+    out = fuzz.run_case(fuzz.FuzzCase("opt-350m", 1, "prompt", {}, {"micro_batch": 1, "seq_len": 16}))
+    assert out.engine_refusal is not None and "torch.cat" in out.engine_refusal
+    assert out.trace_refusal is not None or out.trace_error is not None

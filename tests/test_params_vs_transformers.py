@@ -71,6 +71,14 @@ def test_peft_counts_match(name, method):
     options = {"targets": "all-linear"} if method in ("lora", "dora") and arch.model_type == "phi3" else {}
     if method == "ia3" and arch.model_type == "phi3":
         options = {"targets": "qkv_proj,o_proj"}
+    if method in ("prompt", "ptuning") and arch.embeddings[0][2] != arch.hidden_size:
+        # OPT-350m: the soft prompt (hidden_size wide) cannot be concatenated with its narrower embeddings;
+        # the engine refuses what the real step fails on (tests/test_fuzz.py traces the failure)
+        from peftplan.methods import MethodError
+
+        with pytest.raises(MethodError, match="torch.cat"):
+            build_tuned(arch, method, options, Training(micro_batch=1, seq_len=64))
+        return
     tuned, opts = build_tuned(arch, method, options, Training(micro_batch=1, seq_len=64))
     mine = count_params(tuned)
     model = _hf_model(arch)

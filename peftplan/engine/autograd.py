@@ -255,6 +255,10 @@ class Tape:
                 # grad * (exponent * self.pow(exponent - 1))): self.pow(e-1) and its product with the
                 # exponent are two input-sized temporaries alive while the input's gradient is written
                 scratch = 2 * _nbytes(inp) if node.name == "pow" else 0
+                if node.name == "mul" and inp.numel < node.outputs[0].numel:
+                    # a broadcast operand (IA3 vector, norm weight): mul_tensor_backward computes the full-size
+                    # product `grad * other`, then sum_to_size reduces it (derivatives.yaml mul, FunctionsManual.cpp)
+                    scratch = _nbytes(node.outputs[0])
                 self._grad_for(inp, passthrough if ok else None, scratch)
             for t in node.saved:
                 self.alloc.release(t)

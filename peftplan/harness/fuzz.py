@@ -87,10 +87,10 @@ class FuzzOutcome:
     def verdict(self) -> str:
         """"pass", "both-refuse", "engine-refuses" (the stack runs it), "trace-refuses" (the engine
         estimates what the stack refuses), "trace-error", or "deviation" (beyond tolerance)."""
+        if self.engine_refusal is not None and (self.trace_refusal is not None or self.trace_error is not None):
+            return "both-refuse"  # the real step failing in torch (OPT-350m prompt tuning: torch.cat) counts
         if self.trace_error is not None:
             return "trace-error"
-        if self.engine_refusal is not None and self.trace_refusal is not None:
-            return "both-refuse"
         if self.engine_refusal is not None:
             return "engine-refuses"
         if self.trace_refusal is not None:

@@ -15,6 +15,17 @@ def submodules(arch: ModelArch) -> int:
     return 2 if arch.task == "seq2seq-lm" else 1
 
 
+def check_prompt_width(arch: ModelArch, method: str) -> None:
+    """peft's prompt encoders are `token_dim` = config.hidden_size wide (peft_model.py `_setup_prompt_encoder`)
+    and are concatenated with the input embeddings; a model whose embeddings are narrower than its hidden
+    size (OPT-350m: word_embed_proj_dim 512, hidden 1024, projected in after the lookup) fails in torch.cat
+    (traced: "Sizes of tensors must match except in dimension 1")."""
+    _, _, width = arch.embeddings[0]
+    if width != arch.hidden_size:
+        raise MethodError(f"peft {method} fails on {arch.name}: its soft prompt is hidden_size {arch.hidden_size} "
+                          f"wide but the input embeddings are {width} wide (torch.cat size mismatch)")
+
+
 def check_virtual_tokens(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise MethodError(f"virtual-tokens must be a positive integer, got {n!r}")
