@@ -35,18 +35,20 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 
 METHOD_HELP = "fine-tuning method: " + ", ".join(method_names())
+ALLOC_CONF_HELP = ("the run's PYTORCH_CUDA_ALLOC_CONF, e.g. 'expandable_segments:True,max_split_size_mb:128' "
+                   "(default: torch's defaults); the caching allocator is replayed with it for peak reserved")
 
 
 def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: int | None, grad_ckpt: bool | None,
               attn: str | None, precision: str | None, optimizer: str | None, optimizer_impl: str | None,
               n_gpus: int | None = None, shard: str | None = None, offload: str | None = None,
-              base: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+              base: dict[str, Any] | None = None, alloc_conf: str | None = None):  # type: ignore[no-untyped-def]
     """A Training from the command line; flags not given fall back to `base` (a run config), then defaults."""
     from .training import Training, TrainingError
 
     given = {"micro_batch": batch, "seq_len": seq, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt,
              "attention": attn, "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl,
-             "n_gpus": n_gpus, "shard": shard, "offload": offload}
+             "n_gpus": n_gpus, "shard": shard, "offload": offload, "alloc_conf": alloc_conf}
     fields = dict(base or {})
     fields.update({k: v for k, v in given.items() if v is not None})
     if fields.get("precision") is None:
@@ -99,6 +101,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),
     trace: bool = typer.Option(False, "--trace", help="also run the CPU tracer (needs the harness extra) and show its peak"),
+    alloc_conf: Optional[str] = typer.Option(None, "--alloc-conf", help=ALLOC_CONF_HELP),
 ) -> None:
     """Estimate peak GPU memory, FLOPs and step time of one fine-tuning step."""
 
@@ -130,7 +133,7 @@ def estimate(
         if gpu_memory is not None:
             g = custom_gpu(parse_bytes(gpu_memory), g)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
-                             optimizer_impl, n_gpus, shard, offload, base=base_training)
+                             optimizer_impl, n_gpus, shard, offload, base=base_training, alloc_conf=alloc_conf)
         options = {**config_options, **_method_options(
             rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
             double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,

@@ -66,6 +66,9 @@ class Training:
     shard: Shard = "none"
     offload: Offload = "none"
     gpus_per_node: int = 8  # HYBRID_SHARD shards within a node and replicates across nodes
+    # PYTORCH_CUDA_ALLOC_CONF of the run ("" = torch's defaults): the caching allocator's settings,
+    # replayed for the reserved peak (engine/alloc_conf.py, engine/allocator.py)
+    alloc_conf: str = ""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "seq_len", "grad_accum"):
@@ -88,6 +91,13 @@ class Training:
             raise TrainingError("offload needs a sharded setup (--shard zero1/zero2/zero3 or fsdp-*)")
         if self.attention not in ATTENTIONS:
             raise TrainingError(f"unknown attention {self.attention!r} (choose from {', '.join(ATTENTIONS)})")
+        if self.alloc_conf:
+            from .engine.alloc_conf import AllocConfError, parse_alloc_conf
+
+            try:
+                parse_alloc_conf(self.alloc_conf)
+            except AllocConfError as exc:
+                raise TrainingError(str(exc)) from None
 
     def with_(self, **changes: object) -> "Training":
         return replace(self, **changes)  # type: ignore[arg-type]

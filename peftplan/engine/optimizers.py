@@ -19,6 +19,9 @@ from .sim import rounded
 
 BNB_BLOCKSIZE = 256  # bitsandbytes 8-bit optimizer blockwise quantization block (optim/optimizer.py)
 BNB_MIN_8BIT_SIZE = 4096  # Optimizer8bit min_8bit_size default: smaller tensors keep 32-bit states
+# bitsandbytes optim/optimizer.py Optimizer8bit.get_state_buffer: `if not self.is_paged or p.numel() < 1e5:
+# return torch.zeros_like(p, ...)`: a paged optimizer pages only tensors of 1e5 elements or more
+BNB_PAGED_MIN_NUMEL = 100_000
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class OptimizerCost:
     state_bytes: int
     paged_bytes: int
     scratch_bytes: int  # alive at once during that tensor's update (for-loop) or per list (foreach)
+    parts: tuple[int, ...] = ()  # the device state tensors of `state_bytes`, in the order the step creates them
 
 
 def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tuple[int, int] | None) -> OptimizerCost:
@@ -39,30 +43,34 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
         states = 2 * r(numel, dtype)
         step = r(1, FP32) if impl == "fused" else 0  # fused keeps `step` on the device
         scratch = 0 if impl == "fused" else r(numel, dtype)
-        if optimizer == "paged-adamw":
-            return OptimizerCost(step, states, scratch)
-        return OptimizerCost(states + step, 0, scratch)
+        if optimizer == "paged-adamw" and numel >= BNB_PAGED_MIN_NUMEL:
+            return OptimizerCost(step, states, scratch, (step,) if step else ())
+        # adamw.py _init_group: state["step"], then exp_avg, exp_avg_sq
+        return OptimizerCost(states + step, 0, scratch, ((step,) if step else ()) + (r(numel, dtype),) * 2)
     if optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         if numel < BNB_MIN_8BIT_SIZE:
-            states = 2 * r(numel, FP32)
+            parts: tuple[int, ...] = (r(numel, FP32),) * 2
         else:
             blocks = -(-numel // BNB_BLOCKSIZE)
-            states = 2 * (r(numel, UINT8) + r(blocks, FP32))
-        if optimizer == "paged-adamw-8bit":
+            # Optimizer2State.init_state: state1, state2 (uint8), then absmax1, absmax2 (fp32)
+            parts = (r(numel, UINT8),) * 2 + (r(blocks, FP32),) * 2
+        states = sum(parts)
+        if optimizer == "paged-adamw-8bit" and numel >= BNB_PAGED_MIN_NUMEL:
             return OptimizerCost(0, states, 0)
-        return OptimizerCost(states, 0, 0)
+        return OptimizerCost(states, 0, 0, parts)
     if optimizer == "sgd":
         return OptimizerCost(0, 0, 0)
     if optimizer == "sgd-momentum":
-        return OptimizerCost(r(numel, dtype), 0, 0 if impl == "fused" else 0)
+        return OptimizerCost(r(numel, dtype), 0, 0 if impl == "fused" else 0, (r(numel, dtype),))
     if optimizer == "lion":
-        return OptimizerCost(r(numel, dtype), 0, r(numel, dtype))
+        return OptimizerCost(r(numel, dtype), 0, r(numel, dtype), (r(numel, dtype),))
     if optimizer == "adafactor":
         if shape2d is not None:
             rows, cols = shape2d
-            state = r(rows, FP32) + r(cols, FP32)
+            parts = (r(rows, FP32), r(cols, FP32))  # exp_avg_sq_row, exp_avg_sq_col
         else:
-            state = r(numel, FP32)
+            parts = (r(numel, FP32),)
+        state = sum(parts)
         # Adafactor.step: grad.float(), update = grad**2 + eps, then the update itself: fp32 copies
-        return OptimizerCost(state, 0, 2 * r(numel, FP32))
+        return OptimizerCost(state, 0, 2 * r(numel, FP32), parts)
     raise ValueError(f"unknown optimizer {optimizer!r}")

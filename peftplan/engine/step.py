@@ -12,7 +12,7 @@ no_grad and reruns it whole inside one CheckpointFunction node's backward (autog
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..arch import Linear, ModelArch
 from ..dtypes import FP32, INT64, DType
@@ -39,19 +39,26 @@ class StepMemory:
     optimizer_state_bytes: int
     paged_optimizer_bytes: int  # outside max_memory_allocated (CUDA unified memory)
     host_bytes: int = 0  # offloaded to host memory (sharding.py), per rank
+    # the ordered allocations / frees, load phase included (sim.Allocator.events; engine/allocator.py)
+    events: list[int] = field(default_factory=list, repr=False, compare=False)
 
 
 def _quant_constant_bytes(numel: int, tuned_quant) -> int:  # type: ignore[no-untyped-def]
     """bitsandbytes QuantState tensors for one weight (see tuned.Quant)."""
+    return sum(_quant_constant_parts(numel, tuned_quant))
+
+
+def _quant_constant_parts(numel: int, tuned_quant) -> list[int]:  # type: ignore[no-untyped-def]
+    """The QuantState's tensors, one allocation each (the caching allocator places them separately)."""
     if tuned_quant.kind == "int8":
-        return 0  # the per-row SCB is added by the caller (needs out_features)
+        return []  # the per-row SCB is added by the caller (needs out_features)
     blocks = -(-numel // tuned_quant.blocksize)
     code = rounded(16 * 4)  # the 16-entry fp32 NF4/FP4 code table of the QuantState
     if not tuned_quant.double_quant:
-        return rounded(blocks * 4) + code
+        return [rounded(blocks * 4), code]
     dq_blocks = -(-blocks // tuned_quant.dq_blocksize)
     # uint8 absmax + fp32 absmax of the absmax + the 256-entry fp32 dynamic code + the fp32 offset
-    return rounded(blocks) + rounded(dq_blocks * 4) + rounded(256 * 4) + rounded(4) + code
+    return [rounded(blocks), rounded(dq_blocks * 4), rounded(256 * 4), rounded(4), code]
 
 
 def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param], int]:
@@ -80,9 +87,11 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             packed = t.quant is not None and t.quant.kind != "int8"
             w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable, 0 if packed else lin.out_features)
             if t.quant is not None:
-                qb = _quant_constant_bytes(lin.weight_numel, t.quant)
+                parts = _quant_constant_parts(lin.weight_numel, t.quant)
                 if t.quant.kind == "int8":
-                    qb = rounded(lin.out_features * 4)  # Int8Params SCB: one fp32 scale per row
+                    parts = [rounded(lin.out_features * 4)]  # Int8Params SCB: one fp32 scale per row
+                qb = sum(parts)
+                alloc.parts = parts
                 alloc.add_bytes(qb, "quant_constants")
                 quant_bytes += qb
             b = param(lin.out_features, t.bias_dtype, t.bias_trainable) if lin.bias else None
@@ -349,6 +358,9 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
                 _forward_backward(alloc, model, params, training, grad_ckpt, label)
         alloc.set_phase(f"optimizer:step{step}")
         if not states_alive:
+            parts = [n for c in costs for n in c.parts]
+            if sum(parts) == state_bytes:  # each state tensor on the timeline (engine/allocator.py)
+                alloc.parts = parts
             alloc.add_bytes(state_bytes, "optimizer_state")
             states_alive = True
         alloc.spike(step_scratch)
@@ -361,7 +373,7 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
         if plan is not None:
             plan.zero_grad(alloc)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
-                      state_bytes, paged, plan.host_bytes if plan is not None else 0)
+                      state_bytes, paged, plan.host_bytes if plan is not None else 0, alloc.events)
 
 
 def _param_shapes(params: ModelParams, arch: ModelArch | None = None) -> dict[int, tuple[int, int]]:
