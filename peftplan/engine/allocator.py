@@ -381,21 +381,27 @@ class AllocatorReplay:
         return self.result()
 
     def _run_default(self, events: Sequence[int]) -> None:
-        """malloc / free under torch's default settings, inlined (the estimate runs this per call)."""
+        """malloc / free under torch's default settings, inlined (the estimate runs this per call).
+
+        The state at the allocated peak is taken at the first free after a new maximum (nothing
+        changes between the last allocation of a rising run and that free)."""
         fls, fll = self.free_lists[True], self.free_lists[False]
         by_addr = self.by_addr
-        live: dict[int, _Block] = {}
+        pop_addr = by_addr.pop
+        live: list[_Block | None] = [None] * len(events)
         allocated = requested = peak_allocated = peak_requested = 0
+        pending = -1  # event of a new allocated maximum not yet recorded
         whole_free = self.whole_free
         Block = _Block
+        bisect, insert = bisect_left, insort
         for i, ev in enumerate(events):
             if ev >= 0:
                 size = (ev + 511) & ~511 if ev >= K_MIN_BLOCK else K_MIN_BLOCK  # round_size
                 small = size <= K_SMALL_SIZE
                 fl = fls if small else fll
-                j = bisect_left(fl, (size,))
+                j = bisect(fl, (size,))
                 if j < len(fl):  # get_free_block: best fit
-                    b = by_addr.pop(fl[j][1])
+                    b = pop_addr(fl[j][1])
                     del fl[j]
                     if b.prev is None and b.next is None:
                         whole_free -= b.size
@@ -415,7 +421,7 @@ class AllocatorReplay:
                     b.addr += size
                     b.size = remaining
                     b.free = True
-                    insort(fl, (remaining, b.addr))
+                    insert(fl, (remaining, b.addr))
                     by_addr[b.addr] = b
                     b = nb
                 b.free = False
@@ -427,15 +433,19 @@ class AllocatorReplay:
                     peak_allocated = allocated
                 if requested > peak_requested:
                     peak_requested = requested
-                    self._snapshot(i, allocated, whole_free, allocated - requested)
+                    pending = i
             else:
-                b = live.pop(~ev)
+                if pending >= 0:
+                    self._snapshot(pending, allocated, whole_free, allocated - requested)
+                    pending = -1
+                b = live[~ev]
+                live[~ev] = None
                 allocated -= b.size
                 requested -= b.requested
                 fl = fls if b.small else fll
                 p = b.prev
                 if p is not None and p.free:  # try_merge_blocks [p b]
-                    del fl[bisect_left(fl, (p.size, p.addr))]
+                    del fl[bisect(fl, (p.size, p.addr))]
                     del by_addr[p.addr]
                     b.addr = p.addr
                     b.size += p.size
@@ -444,17 +454,19 @@ class AllocatorReplay:
                         p.next = b
                 n = b.next
                 if n is not None and n.free:  # try_merge_blocks [b n]
-                    del fl[bisect_left(fl, (n.size, n.addr))]
+                    del fl[bisect(fl, (n.size, n.addr))]
                     del by_addr[n.addr]
                     b.size += n.size
                     b.next = n = n.next
                     if n is not None:
                         n.prev = b
                 b.free = True
-                insort(fl, (b.size, b.addr))
+                insert(fl, (b.size, b.addr))
                 by_addr[b.addr] = b
                 if b.prev is None and b.next is None:
                     whole_free += b.size
+        if pending >= 0:
+            self._snapshot(pending, allocated, whole_free, allocated - requested)
         self.whole_free = whole_free
         self.allocated, self.requested = allocated, requested
         self.peak_allocated, self.peak_requested = peak_allocated, peak_requested
