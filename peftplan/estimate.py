@@ -213,7 +213,8 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         assumptions.append(f"NCCL buffers {nccl / 2**20:,.0f} MiB per rank (data/overheads.json nccl_buffers): "
                            "an estimate, not measured")
     if mem.events and replayed.peak_requested_bytes != peak:
-        raise AssertionError("the allocator replay disagrees with the engine's allocated peak")
+        raise AssertionError(f"the allocator replay disagrees with the engine's allocated peak: "
+                             f"{replayed.peak_requested_bytes} vs {peak} ({arch.name} {method} {effective})")
     memory = Memory(
         peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=reserved + context + nccl,
         envelope_low_bytes=env_low, envelope_high_bytes=env_high, peak_phase=mem.peak.phase,

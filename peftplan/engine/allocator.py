@@ -373,9 +373,9 @@ class AllocatorReplay:
             live: dict[int, _Block] = {}
             malloc, free = self.malloc, self.free
             for i, ev in enumerate(events):
-                if ev >= 0:
+                if ev > 0:
                     live[i] = malloc(ev, i)
-                else:
+                elif ev < 0 and ~ev in live:
                     free(live.pop(~ev))
         self.n_events = len(events)
         return self.result()
@@ -395,7 +395,7 @@ class AllocatorReplay:
         Block = _Block
         bisect, insert = bisect_left, insort
         for i, ev in enumerate(events):
-            if ev >= 0:
+            if ev > 0:
                 size = (ev + 511) & ~511 if ev >= K_MIN_BLOCK else K_MIN_BLOCK  # round_size
                 small = size <= K_SMALL_SIZE
                 fl = fls if small else fll
@@ -434,11 +434,13 @@ class AllocatorReplay:
                 if requested > peak_requested:
                     peak_requested = requested
                     pending = i
-            else:
+            elif ev < 0:
+                b = live[~ev]
+                if b is None:
+                    continue  # its allocation was taken off the timeline (a zero-byte event)
                 if pending >= 0:
                     self._snapshot(pending, allocated, whole_free, allocated - requested)
                     pending = -1
-                b = live[~ev]
                 live[~ev] = None
                 allocated -= b.size
                 requested -= b.requested
@@ -485,7 +487,8 @@ class AllocatorReplay:
 
 
 def replay(events: Sequence[int], conf: AllocConf | None = None, limit_bytes: int = 0) -> ReplayResult:
-    """Replay a timeline: `events[i] >= 0` allocates that many bytes (the handle is i), `~j` (< 0)
-    frees the allocation made at event j. `limit_bytes`: what reserved may reach (0: unbounded;
+    """Replay a timeline: `events[i] > 0` allocates that many bytes (the handle is i), `~j` (< 0)
+    frees the allocation made at event j; 0 is no allocation (torch allocates nothing for zero
+    bytes), and its free is skipped. `limit_bytes`: what reserved may reach (0: unbounded;
     with per_process_memory_fraction, that fraction of it)."""
     return AllocatorReplay(conf, limit_bytes).run(events)

@@ -4,9 +4,10 @@ No tensor holds data; each has a byte size (rounded up to the CUDA caching alloc
 block, c10/cuda/CUDACachingAllocator.cpp `kMinBlockSize`), a category and a reference count.
 The running total and its maximum give the peak of `torch.cuda.max_memory_allocated`; the
 breakdown by category at the peak says which term made it. `Allocator.events` keeps the ordered
-allocations and frees as plain integers (n >= 0: allocate n bytes, handle = its index; ~i: free the
-allocation made at event i), which engine/allocator.py replays through the caching allocator for
-the reserved peak.
+allocations and frees as plain integers (n > 0: allocate n bytes, handle = its index; ~i: free the
+allocation made at event i; 0: an allocation taken back, e.g. a checkpoint recompute's output that
+its early stop never computed), which engine/allocator.py replays through the caching allocator
+for the reserved peak.
 
 Categories match what the tracer (peftplan/harness/trace.py) records, so the two compare term
 by term.
