@@ -124,3 +124,15 @@ def test_compare_and_plan_take_alloc_conf():
     rows = json.loads(r.output)["rows"]
     assert rows and all(row["fits"] for row in rows)
     assert all(row["verdict"].startswith("fits with") for row in rows)
+
+
+def test_paged_optimizer_pages_only_tensors_of_1e5_elements_or_more():
+    """bitsandbytes optim/optimizer.py get_state_buffer: `if not self.is_paged or p.numel() < 1e5`: zeros_like."""
+    from peftplan.dtypes import FP32
+    from peftplan.engine.optimizers import BNB_PAGED_MIN_NUMEL, tensor_cost
+
+    for opt in ("paged-adamw", "paged-adamw-8bit"):
+        small = tensor_cost(opt, "fused", BNB_PAGED_MIN_NUMEL - 1, FP32, None)
+        large = tensor_cost(opt, "fused", BNB_PAGED_MIN_NUMEL, FP32, None)
+        assert small.paged_bytes == 0 and small.state_bytes > 0 and sum(small.parts) == small.state_bytes
+        assert large.paged_bytes > 0 and large.state_bytes < small.state_bytes
