@@ -998,31 +998,38 @@ EXACT_ROWS = 20  # rows re-estimated with the allocator replay (the table shows 
 
 def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[PlanRow]
                 ) -> tuple[list[PlanRow], list[PlanRow], Estimate | None]:
-    """The first EXACT_ROWS fitting rows (and the closest misses) with estimate()'s own numbers and
-    fit verdict (fit.py: reserved from the caching-allocator replay). A fast row's device total is a
-    lower bound, so a row can only move from fitting to not; the ones that do join `closest`."""
+    """Rows with estimate()'s own numbers and fit verdict (fit.py: reserved from the caching-allocator
+    replay) for what plan_table shows: the first EXACT_ROWS fitting rows, and the first fitting row of
+    each method variant / checkpointing / attention / shard (its `distinct` view) up to EXACT_ROWS of
+    them; the closest misses when nothing fits. A fast row's device total is a lower bound, so a row
+    can only move from fitting to not; the ones that do join `closest`."""
     first: Estimate | None = None
-    done: list[PlanRow] = []
-    rest = list(fitting)
+    out: list[PlanRow] = []
     missed: list[PlanRow] = []
-    while rest and len(done) < EXACT_ROWS:
-        row = rest.pop(0)
-        if row.path != "direct":
+    exact_keys: set[tuple[str, bool, str, str]] = set()
+    for row in fitting:
+        key = (row.config.variant.label, row.config.grad_ckpt, row.config.attention, row.config.shard)
+        if row.path != "direct" and (len(out) < EXACT_ROWS or (key not in exact_keys
+                                                                and len(exact_keys) < EXACT_ROWS)):
             try:
                 est = ev.estimate(row.config, gpu)
             except MethodError:
                 continue
-            exact = replace(row_from_estimate(row.config, est), train_time_s=row.train_time_s,
-                            train_cost_usd=row.train_cost_usd)
-            if first is None and exact.fits:
+            row = replace(row_from_estimate(row.config, est), train_time_s=row.train_time_s,
+                          train_cost_usd=row.train_cost_usd)
+            if first is None and row.fits and not out:
                 first = est
-            row = exact
-        (done if row.fits else missed).append(row)
+        if not row.fits:
+            missed.append(row)
+            continue
+        if row.path == "direct":
+            exact_keys.add(key)
+        out.append(row)
     if not fitting:
         closest = [row_from_estimate(r.config, ev.estimate(r.config, gpu)) if r.path != "direct" else r
                    for r in closest[:EXACT_ROWS]] + closest[EXACT_ROWS:]
     closest = sorted(missed + closest, key=lambda r: (r.device_total_bytes, r.config.label))
-    return sorted(done, key=_rank_key) + rest, closest, first
+    return sorted(out, key=_rank_key), closest, first
 
 
 def row_from_estimate(config: PlanConfig, est: Estimate) -> PlanRow:
