@@ -58,7 +58,8 @@ def allocator_lines(est: Estimate) -> list[str]:
         f"(20 MiB segments of 1-10 MiB requests, 2 MiB small-pool segments, remainders of reused blocks); "
         f"largest free block {_g(a['largest_free_block_bytes'])}; small pool {_g(a['small_pool_reserved_bytes'])}, "
         f"large pool {_g(a['large_pool_reserved_bytes'])}",
-        f"  after the allocated peak reserved grows by {_g(a['peak_reserved_bytes'] - a['reserved_at_alloc_peak_bytes'])}"
+        f"  after the allocated peak reserved grows by "
+        f"{_g(a['peak_reserved_bytes'] - a['reserved_at_alloc_peak_bytes'])}"
         " (requests no cached block fits: blocks of one segment never merge with another's)"
         + (f"; blocks handed out whole with <= 1 MiB spare: {_g(a['unsplit_slack_bytes'])}"
            if a['unsplit_slack_bytes'] else ""),

@@ -154,7 +154,9 @@ def test_garbage_collection_needs_a_memory_fraction():
 
 @pytest.mark.parametrize("text, message", [
     ("expandable_segments:yes", "True or False"),
-    ("max_split_size_mb:20", ">= 21"),
+    ("max_split_size_mb:19", ">= 20"),
+    ("max_non_split_rounding_mb:10", ">= 20"),
+    ("roundup_power2_divisions:0", "powers of 2"),
     ("max_split_size_mb:abc", "whole number"),
     ("garbage_collection_threshold:1.5", "(0, 1)"),
     ("roundup_power2_divisions:3", "powers of 2"),
@@ -170,6 +172,8 @@ def test_bad_alloc_conf_is_one_line(text, message):
 
 
 def test_alloc_conf_parses_what_torch_accepts():
+    assert parse_alloc_conf("max_split_size_mb:20").max_split_size == 20 * MiB  # parseMaxSplitSize: >= 20
+    assert parse_alloc_conf("roundup_power2_divisions:[256:0,>:4]").divisions_for(256 * MiB) == 0
     c = parse_alloc_conf(" expandable_segments:True, max_split_size_mb:128,garbage_collection_threshold:0.6,"
                          "pinned_use_background_threads:True,max_non_split_rounding_mb:64,backend:native")
     assert c.expandable_segments and c.max_split_size == 128 * MiB and c.max_non_split_rounding == 64 * MiB

@@ -16,8 +16,9 @@ K_SMALL_SIZE = 1 * MiB  # kSmallSize, largest "small" request: AllocatorConfig.h
 K_SMALL_BUFFER = 2 * MiB  # kSmallBuffer, small-pool segment: AllocatorConfig.h line 17
 K_MIN_LARGE_ALLOC = 10 * MiB  # kMinLargeAlloc: AllocatorConfig.h line 23
 K_ROUND_LARGE = 2 * MiB  # kRoundLarge: AllocatorConfig.h line 25
-K_LARGE_BUFFER = 20 * MiB  # kLargeBuffer / large_segment_size_ default (AllocatorConfig.h `large_segment_size_{20971520}`)
-K_ROUNDUP_INTERVALS = 16  # kRoundUpPowerOfTwoIntervals: divisions per power of 2 from 1 MiB to 64 GiB
+# kLargeBuffer; AllocatorConfig.h `large_segment_size_{20971520}` in 2.13
+K_LARGE_BUFFER = 20 * MiB
+K_ROUNDUP_INTERVALS = 16  # kRoundUpPowerOfTwoIntervals: the power-of-2 size intervals from 1 MiB to 64 GiB
 NO_LIMIT = 2**63  # max_split_size default: std::numeric_limits<size_t>::max()
 
 
@@ -118,10 +119,10 @@ def _set(kw: dict[str, Any], key: str, value: Any) -> None:
             raise AllocConfError("alloc conf: expandable_segments takes True or False")
         kw["expandable_segments"] = v
     elif key == "max_split_size_mb":
-        # parseMaxSplitSize: the value must exceed kLargeBuffer / 1 MiB (20 MB)
-        kw["max_split_size"] = _mb(key, value, 21)
+        # parseMaxSplitSize / parseMaxNonSplitRoundingSize: at least kLargeBuffer / kMB (20)
+        kw["max_split_size"] = _mb(key, value, 20)
     elif key == "max_non_split_rounding_mb":
-        kw["max_non_split_rounding"] = _mb(key, value, 0)
+        kw["max_non_split_rounding"] = _mb(key, value, 20)
     elif key == "large_segment_size_mb":
         kw["large_segment_size"] = _mb(key, value, 1)
     elif key == "garbage_collection_threshold":
@@ -153,20 +154,20 @@ def _set(kw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _divisions(value: Any) -> tuple[int, ...]:
-    """parseRoundUpPower2Divisions: one number for every interval, or [size_mb:div, ..., >:div]
-    where size_mb is a power of 2 (its interval index is log2(size_mb)); the first entry also
-    fills the intervals below it, '>' fills those after the last one."""
-    def div(v: str) -> int:
+    """parseRoundUpPower2Divisions: one power of 2 for every interval, or [size_mb:div, ..., >:div]
+    where size_mb is a power of 2 (its interval index is log2(size_mb)) and div a power of 2 or 0;
+    the first entry also fills the intervals below it, '>' fills those after the last one."""
+    def div(v: str, zero_ok: bool = True) -> int:
         try:
             d = int(v)
         except ValueError:
             raise AllocConfError(f"alloc conf: roundup_power2_divisions: {v!r} is not a number") from None
-        if d and (d & (d - 1)):
+        if d < 0 or (d & (d - 1)) or (d == 0 and not zero_ok):
             raise AllocConfError("alloc conf: roundup_power2_divisions must be powers of 2")
         return d
 
     if isinstance(value, str):
-        return (div(value),) * K_ROUNDUP_INTERVALS
+        return (div(value, zero_ok=False),) * K_ROUNDUP_INTERVALS
     out = [0] * K_ROUNDUP_INTERVALS
     items = [t for t in value if t != ","]
     if len(items) % 3:

@@ -4,7 +4,16 @@
 `DeviceCachingAllocator` (torch 2.13, c10/cuda/CUDACachingAllocator.cpp; constants in
 c10/core/AllocatorConfig.h, the installed header torch/include/c10/core/AllocatorConfig.h
 lines 17-25) for one device and one stream, and returns what `torch.cuda.memory_stats()` would
-say: peak reserved bytes, segments, and the state at that peak (fragmentation, largest free block).
+say: peak reserved bytes and segments, and the allocator's state at the allocated peak
+(fragmentation, cached segments, largest free block).
+
+Sources read: the installed torch 2.13 headers (constants, AcceleratorAllocatorConfig's settings
+and defaults: large_segment_size 20 MiB, max_non_split_rounding 20 MiB, max_split_size unlimited,
+garbage_collection_threshold 0, expandable_segments off), and CUDACachingAllocator.cpp as stored in
+the pytorch/pytorch index (commit 001074d2, the DeviceCachingAllocator functions named below; the
+wheel ships no .cpp) with get_free_block's `max_non_split_rounding_size` check from the newer
+templated CachingDeviceAllocator source. Functions are cited by name rather than line: the lines
+move between releases (the rules modelled here read the same in both sources).
 
 The rules, each with the function of CUDACachingAllocator.cpp it comes from:
 - `round_size`: requests under kMinBlockSize (512 B) become 512 B, others round up to a multiple of
