@@ -149,9 +149,10 @@ class Allocator:
             self.total -= t.nbytes
 
     def spike(self, nbytes: int, category: Category = "temporaries") -> None:
-        """A transient allocation freed at once (e.g. a kernel's scratch buffer)."""
+        """A transient allocation freed at once (e.g. a kernel's scratch buffer); with `parts` set,
+        that many separate tensors, all allocated and then all freed."""
+        start = len(self.events)
         self.add_bytes(nbytes, category)
-        if nbytes:
-            self.events.append(~self.last_event)
+        self.events.extend(~i for i in range(start, len(self.events)))
         self.by_category[category] -= nbytes
         self.total -= nbytes

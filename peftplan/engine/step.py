@@ -363,6 +363,10 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
                 alloc.parts = parts
             alloc.add_bytes(state_bytes, "optimizer_state")
             states_alive = True
+        if training.optimizer_impl == "foreach":  # _multi_tensor_*: one scratch tensor per parameter, a list
+            alloc.parts = [c.scratch_bytes for c in costs if c.scratch_bytes]
+        elif training.optimizer_impl == "for-loop" and step_scratch:  # the largest tensor's two temporaries
+            alloc.parts = [step_scratch // 2, step_scratch // 2]
         alloc.spike(step_scratch)
         grad_bytes = alloc.by_category["grads"]
         # zero_grad(set_to_none=True): every gradient freed
