@@ -35,6 +35,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 
 METHOD_HELP = "fine-tuning method: " + ", ".join(method_names())
+ALLOC_CONF_HELP = ("the run's PYTORCH_CUDA_ALLOC_CONF, e.g. 'expandable_segments:True,max_split_size_mb:128' "
+                   "(default: torch's defaults); the caching allocator is replayed with it for peak reserved")
 
 
 def _trainer_help() -> str:
@@ -51,7 +53,7 @@ def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: in
               attn: str | None, precision: str | None, optimizer: str | None, optimizer_impl: str | None,
               n_gpus: int | None = None, shard: str | None = None, offload: str | None = None,
               base: dict[str, Any] | None = None, trainer: str | None = None,
-              trainer_options: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+              trainer_options: tuple[str, ...] = (), alloc_conf: str | None = None):  # type: ignore[no-untyped-def]
     """A Training from the command line; flags not given fall back to `base` (a run config), then to the
     trainer's defaults (peftplan/trainers/), then to peftplan's."""
     from .trainers import CLI_DEFAULT_TRAINER, get_trainer
@@ -59,7 +61,7 @@ def _training(gpu_bf16: bool, batch: int | None, seq: int | None, grad_accum: in
 
     given = {"micro_batch": batch, "seq_len": seq, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt,
              "attention": attn, "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl,
-             "n_gpus": n_gpus, "shard": shard, "offload": offload}
+             "n_gpus": n_gpus, "shard": shard, "offload": offload, "alloc_conf": alloc_conf}
     fields = dict(base or {})
     if fields.get("shard", "none") != "none" and shard is None and (n_gpus or fields.get("n_gpus", 1)) == 1:
         fields.pop("shard")  # a run config's sharding without --gpus N: one GPU (the run config's notes say so)
@@ -130,6 +132,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),
     trace: bool = typer.Option(False, "--trace", help="also run the CPU tracer (needs the harness extra) and show its peak"),
+    alloc_conf: Optional[str] = typer.Option(None, "--alloc-conf", help=ALLOC_CONF_HELP),
 ) -> None:
     """Estimate peak GPU memory, FLOPs and step time of one fine-tuning step."""
 
@@ -164,7 +167,7 @@ def estimate(
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
                              optimizer_impl, n_gpus, shard, offload, base=base_training, trainer=trainer,
                              trainer_options=_trainer_options(packing=packing, padding_free=padding_free,
-                                                              liger=liger))
+                                                              liger=liger), alloc_conf=alloc_conf)
         if attn is not None:
             resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
         options = {**config_options, **_method_options(

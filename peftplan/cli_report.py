@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli import TRAINER_HELP, _fail, _guard, app
+from .cli import ALLOC_CONF_HELP, TRAINER_HELP, _fail, _guard, app
 
 
 def _split(text: str | None, what: str) -> list[str]:
@@ -121,6 +121,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="print the rows as JSON on stdout instead of the table"),
     title: Optional[str] = typer.Option(None, "--title", help="report title"),
     force: bool = typer.Option(False, "--force", "-f", help="overwrite --html/--csv files that exist"),
+    alloc_conf: Optional[str] = typer.Option(None, "--alloc-conf", help=ALLOC_CONF_HELP),
 ) -> None:
     """Compare methods x models x GPUs x sequence lengths: table, HTML report, CSV, JSON."""
 
@@ -148,7 +149,8 @@ def compare(
         for m in method_list:
             options[m].update(explicit_grad_ckpt_options(m, grad_ckpt))
         fields = {"micro_batch": batch, "grad_accum": grad_accum, "grad_ckpt": grad_ckpt, "attention": attn,
-                  "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl}
+                  "precision": precision, "optimizer": optimizer, "optimizer_impl": optimizer_impl,
+                  "alloc_conf": alloc_conf}
         from .trainers import CLI_DEFAULT_TRAINER, get_trainer
 
         spec = get_trainer(trainer or CLI_DEFAULT_TRAINER)
@@ -197,6 +199,16 @@ def compare(
     _guard(run)
 
 
+def _alloc_conf(text: str | None) -> str:
+    """--alloc-conf checked (a ValueError: one line, exit 2) and passed on as the string."""
+    if not text:
+        return ""
+    from .engine.alloc_conf import parse_alloc_conf
+
+    parse_alloc_conf(text)
+    return text
+
+
 @app.command()
 def plan(
     model: str = typer.Option(..., "--model", "-m", help="catalog name, HF hub id or config.json path"),
@@ -213,6 +225,7 @@ def plan(
     top: int = typer.Option(15, "--top", help="rows shown (the best of each method, checkpointing and attention)"),
     all_rows: bool = typer.Option(False, "--all", help="show every fitting row, not only the best per method setting"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    alloc_conf: Optional[str] = typer.Option(None, "--alloc-conf", help=ALLOC_CONF_HELP),
 ) -> None:
     """Search methods x quantization x rank x micro-batch x checkpointing x attention x optimizer: what fits, fastest first."""
 
@@ -234,7 +247,8 @@ def plan(
             g = custom_gpu(parse_bytes(gpu_memory), g)
         arch = load_model(model)
         result = run_plan(arch, g, n_gpus=n_gpus, seq_len=seq, tokens=n_tokens, price_per_hour=price,
-                          methods=method_list, ranks=rank_list, micro_batches=batch_list, shard=shard)
+                          methods=method_list, ranks=rank_list, micro_batches=batch_list, shard=shard,
+                          alloc_conf=_alloc_conf(alloc_conf))
         if as_json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
             return

@@ -72,7 +72,8 @@ def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, adv
     table.add_section()
     table.add_row("[bold]peak allocated[/bold] (torch.cuda.max_memory_allocated)", f"[bold]{peak / 2**30:,.2f}[/bold]", "")
     table.add_row("peak reserved (caching allocator)", f"{est.memory.peak_reserved_bytes / 2**30:,.2f}", "")
-    table.add_row("device total (reserved + CUDA context)", f"{est.memory.device_total_bytes / 2**30:,.2f}", "")
+    table.add_row("device total (reserved + CUDA context" + (" + NCCL" if est.memory.nccl_buffers_bytes else "") + ")",
+                  f"{est.memory.device_total_bytes / 2**30:,.2f}", "")
     table.add_row("envelope (allocated)", f"{est.memory.envelope_low_bytes / 2**30:,.2f} – "
                   f"{est.memory.envelope_high_bytes / 2**30:,.2f}", "")
     if est.memory.paged_optimizer_bytes:
@@ -93,7 +94,8 @@ def print_estimate(est: Estimate, explain: bool = False, traced: Any = None, adv
     else:
         console.print(f"compute: {comp.flops_per_step:.3e} FLOP/step (no throughput figure for this GPU)")
     if est.fits:
-        console.print(f"[green]fits[/green]: {fmt_gib(est.headroom_bytes)} headroom on {est.gpu}")
+        console.print(f"[green]{est.verdict}[/green] on {est.gpu}" if est.verdict else
+                      f"[green]fits[/green]: {fmt_gib(est.headroom_bytes)} headroom on {est.gpu}", markup=True)
     else:
         console.print(f"[red]does not fit[/red]: needs {fmt_gib(est.memory.device_total_bytes)}, "
                       f"{fmt_gib(-est.headroom_bytes)} over {est.gpu}'s {fmt_gib(est.gpu_memory_bytes)}")

@@ -1,8 +1,10 @@
 """`estimate(arch, method, training, gpu) -> Estimate`: the pure core (no I/O beyond bundled data, no torch).
 
-The peak allocated memory comes from the symbolic step (engine/step.py); reserved and device
-totals add GPU-side terms held as data with provenance (data/overheads.json); FLOPs from the
-matmuls (engine/flops.py); time from FLOPs over the GPU's dense peak at an assumed utilization.
+The peak allocated memory comes from the symbolic step (engine/step.py); peak reserved from
+replaying the step's allocations and frees through the CUDA caching allocator (engine/allocator.py);
+the device total adds the CUDA context and NCCL buffers held as data with provenance
+(data/overheads.json), and fit.py decides whether it fits; FLOPs from the matmuls
+(engine/flops.py); time from FLOPs over the GPU's dense peak at an assumed utilization.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class Params:
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes. peak_allocated ~ torch.cuda.max_memory_allocated; reserved ~ max_memory_reserved;
-    device_total ~ what nvidia-smi shows (reserved + CUDA context)."""
+    """Bytes. peak_allocated ~ torch.cuda.max_memory_allocated; reserved ~ max_memory_reserved
+    (the caching-allocator replay, `allocator`); device_total ~ what nvidia-smi shows (reserved +
+    CUDA context + NCCL buffers under multi-GPU)."""
 
     peak_allocated_bytes: int
     peak_reserved_bytes: int
@@ -69,6 +72,8 @@ class Memory:
     cuda_context_bytes: int
     # what widens [envelope_low, envelope_high]: {"name", "bytes", "source"} each (engine/envelope.py)
     envelope_terms: tuple[dict[str, Any], ...] = ()
+    nccl_buffers_bytes: int = 0  # NCCL's own device buffers per rank (multi-GPU), outside reserved
+    allocator: dict[str, Any] = field(default_factory=dict)  # engine/allocator.py ReplayResult.to_dict()
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ class Estimate:
     headroom_bytes: int
     assumptions: tuple[str, ...] = field(default=())
     parallel: dict[str, Any] = field(default_factory=dict)  # n_gpus, shard, offload, host_bytes, comm
+    verdict: str = ""  # fit.py fit_verdict: "fits with 0.4 GiB: tight", "does not fit: ..."
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -108,7 +114,7 @@ class Estimate:
             "memory": asdict(self.memory), "compute": asdict(self.compute),
             "gpu_memory_bytes": self.gpu_memory_bytes, "fits": self.fits, "headroom_bytes": self.headroom_bytes,
             "assumptions": list(self.assumptions),
-            "parallel": self.parallel,
+            "parallel": self.parallel, "verdict": self.verdict,
             "trainer": _trainer_block(self.training),
         }
         return out
@@ -174,12 +180,6 @@ def count_params(model: TunedModel) -> Params:
     return Params(total, trainable)
 
 
-def _reserved(peak: int) -> tuple[int, int]:
-    """(point estimate, high bound) of max_memory_reserved for a given allocated peak."""
-    o = overheads()["reserved_over_allocated"]
-    return int(peak * (1 + o["value"])), int(peak * (1 + o["high"]))
-
-
 def build_tuned(arch: ModelArch, method: str, options: dict[str, Any] | None, training: Training) -> tuple[TunedModel, Any]:
     """The method's model as the trainer runs it: the trainer's method-option defaults (options the user did not
     set), then the method's build, then the trainer's casts (peftplan/trainers/)."""
@@ -219,20 +219,38 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     mem: StepMemory = simulate_step(model, effective, flop_counter=counted)
     o = overheads()
     peak = mem.peak.bytes
-    reserved, reserved_high = _reserved(peak)
-    context = int(o["cuda_context_bytes"]["value"])
+    from .fit import cuda_context_bytes, fit_verdict, nccl_buffer_bytes, replay_reserved
+
+    replayed = replay_reserved(mem.events, effective)
+    reserved = replayed.peak_reserved_bytes
+    context, context_source = cuda_context_bytes(o, gpu.compute_capability)
+    nccl = nccl_buffer_bytes(o, effective)
     from .engine.envelope import envelope as _envelope
     env_low, env_high, env_terms = _envelope(peak, model, effective, gpu.compute_capability, o["envelope"])
     if training.optimizer.startswith("paged"):
-        assumptions.append("paged optimizer states live in CUDA unified memory: outside max_memory_allocated")
+        assumptions.append(
+            "paged optimizer: bitsandbytes pages the states of tensors with >= 1e5 elements (optim/optimizer.py "
+            "get_state_buffer; smaller ones are ordinary device tensors) into CUDA unified memory "
+            "(cudaMallocManaged, functional.py get_paged): outside the caching allocator, so outside both "
+            "max_memory_allocated and reserved; their pages move to the GPU when the step touches them and count "
+            "in nvidia-smi while resident; under memory pressure the driver evicts them to host RAM instead of "
+            "failing, so they never cause an OOM but cost PCIe traffic each step. The fit verdict leaves them out.")
+    assumptions.append(f"CUDA context {context / 2**20:,.0f} MiB: {context_source}")
+    if nccl:
+        assumptions.append(f"NCCL buffers {nccl / 2**20:,.0f} MiB per rank (data/overheads.json nccl_buffers): "
+                           "an estimate, not measured")
+    if mem.events and replayed.peak_requested_bytes != peak:
+        raise AssertionError(f"the allocator replay disagrees with the engine's allocated peak: "
+                             f"{replayed.peak_requested_bytes} vs {peak} ({arch.name} {method} {effective})")
     memory = Memory(
-        peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=reserved + context,
+        peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=reserved + context + nccl,
         envelope_low_bytes=env_low, envelope_high_bytes=env_high, peak_phase=mem.peak.phase,
         components={k: v for k, v in mem.peak.components.items() if v},
         phase_peaks=mem.phase_peaks, weights_bytes=mem.weights_bytes,
         quant_constants_bytes=mem.quant_constant_bytes, gradients_bytes=mem.grad_bytes,
         optimizer_state_bytes=mem.optimizer_state_bytes, paged_optimizer_bytes=mem.paged_optimizer_bytes,
         cuda_context_bytes=context, envelope_terms=tuple(t.to_dict() for t in env_terms),
+        nccl_buffers_bytes=nccl, allocator=replayed.to_dict(),
     )
     flops: StepFlops = step_flops(model, effective, counted=counted)
     util = float(o["matmul_utilization"]["value"])
@@ -248,13 +266,14 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     compute = Compute(flops.forward, flops.backward_input, flops.backward_weight, flops.recompute,
                       flops.total, step_time, tokens_per_s, util, dtype)
     capacity = gpu.memory_bytes
-    total_needed = memory.device_total_bytes
+    verdict = fit_verdict(memory.device_total_bytes, capacity, env_high - env_low, mem.events, effective,
+                          context + nccl)
     assumptions.append(f"step time assumes {util:.0%} of the GPU's dense {dtype} peak (data/overheads.json)")
     return Estimate(
         model=arch.name, method=method, gpu=gpu.name, options=_asdict(opts), training=effective,
         params=count_params(model), memory=memory, compute=compute, gpu_memory_bytes=capacity,
-        fits=total_needed <= capacity, headroom_bytes=capacity - total_needed, assumptions=tuple(assumptions),
-        parallel=parallel,
+        fits=verdict.fits, headroom_bytes=verdict.headroom_bytes, assumptions=tuple(assumptions),
+        parallel=parallel, verdict=verdict.text,
     )
 
 

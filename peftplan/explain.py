@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .catalog import load_model
-from .estimate import Estimate, overheads
+from .estimate import Estimate
 from .units import BYTES_PER_GIB
 
 
@@ -27,8 +27,10 @@ def explain_lines(est: Estimate) -> list[str]:
         f"saved activations at the peak = what each op's backward needs (engine/program.py) = {_g(c.get('saved_activations', 0))}",
         f"temporaries at the peak (activation gradients, casts, dequantized weights) = {_g(c.get('temporaries', 0))}",
         f"peak allocated = max over the step's timeline (phase {m.peak_phase}) = {_g(m.peak_allocated_bytes)}",
-        f"reserved = allocated × (1 + {overheads()['reserved_over_allocated']['value']}) = {_g(m.peak_reserved_bytes)}",
-        f"device total = reserved + CUDA context {_g(m.cuda_context_bytes)} = {_g(m.device_total_bytes)}",
+        *allocator_lines(est),
+        f"device total = reserved + CUDA context {_g(m.cuda_context_bytes)}"
+        + (f" + NCCL buffers {_g(m.nccl_buffers_bytes)}" if m.nccl_buffers_bytes else "")
+        + f" = {_g(m.device_total_bytes)}; {est.verdict or ('fits' if est.fits else 'does not fit')}",
         f"FLOPs/step = forward {est.compute.flops_forward:.3e} + backward-input {est.compute.flops_backward_input:.3e} "
         f"+ backward-weight {est.compute.flops_backward_weight:.3e} + recompute {est.compute.flops_recompute:.3e} "
         f"= {est.compute.flops_per_step:.3e} (matmuls: 2·N·in·out each, N = B·T = {B * T})",
@@ -37,3 +39,28 @@ def explain_lines(est: Estimate) -> list[str]:
         lines.append(f"step time = FLOPs / (peak {est.compute.matmul_dtype} FLOP/s × {est.compute.utilization}) "
                      f"= {est.compute.step_time_s:.3f} s")
     return lines
+
+
+def allocator_lines(est: Estimate) -> list[str]:
+    """Where reserved comes from: the caching-allocator replay (engine/allocator.py) of the step's timeline."""
+    m = est.memory
+    a = m.allocator
+    if not a:
+        return [f"reserved = {_g(m.peak_reserved_bytes)}"]
+    return [
+        f"reserved = the step's {a['events']:,} allocations/frees replayed through the CUDA caching allocator "
+        f"(PYTORCH_CUDA_ALLOC_CONF {a['conf']}) = {_g(m.peak_reserved_bytes)} in {a['segments_at_peak']:,} segments "
+        f"(max_memory_allocated as torch counts whole blocks: {_g(a['peak_allocated_bytes'])})",
+        f"  at the allocated peak: reserved {_g(a['reserved_at_alloc_peak_bytes'])} = allocated "
+        f"{_g(a['reserved_at_alloc_peak_bytes'] - a['fragmentation_bytes'])} + fragmentation "
+        f"{_g(a['fragmentation_bytes'])}: cached segments with no live block {_g(a['cached_segments_bytes'])} "
+        f"(freed tensors the allocator keeps), free space inside segments in use {_g(a['split_free_bytes'])} "
+        f"(20 MiB segments of 1-10 MiB requests, 2 MiB small-pool segments, remainders of reused blocks); "
+        f"largest free block {_g(a['largest_free_block_bytes'])}; small pool {_g(a['small_pool_reserved_bytes'])}, "
+        f"large pool {_g(a['large_pool_reserved_bytes'])}",
+        f"  after the allocated peak reserved grows by "
+        f"{_g(a['peak_reserved_bytes'] - a['reserved_at_alloc_peak_bytes'])}"
+        " (requests no cached block fits: blocks of one segment never merge with another's)"
+        + (f"; blocks handed out whole with <= 1 MiB spare: {_g(a['unsplit_slack_bytes'])}"
+           if a['unsplit_slack_bytes'] else ""),
+    ]

@@ -54,7 +54,7 @@ from typing import Any, Iterable, Sequence
 from .arch import ModelArch
 from .catalog import GPU, gpu_catalog
 from .engine.sim import ALLOC_BLOCK
-from .estimate import Estimate, Params, count_params, estimate, overheads, _reserved
+from .estimate import Estimate, Params, count_params, estimate, overheads
 from .methods import MethodError, get_method, method_names
 from .training import DEFAULT_SEQ_LEN, SHARDS, Training, TrainingError
 from .units import fmt_count, fmt_gib
@@ -836,6 +836,7 @@ class Evaluator:
         # numbers (sharding_modelled() is False); otherwise it is estimated directly.
         self.sharded_fast = sharded_fast
         self.stats = PlanStats()
+        self.alloc_conf = ""  # PYTORCH_CUDA_ALLOC_CONF for every estimate() (Training.alloc_conf)
 
     def _use_fast(self, s: "_Structure", config: PlanConfig) -> bool:
         return self.fast and s.exact and (self.sharded_fast or not config.sharded)
@@ -942,7 +943,10 @@ class Evaluator:
 
     def estimate(self, config: PlanConfig, gpu: GPU) -> Estimate:
         try:
-            return estimate(self.arch, config.variant.method, config.training(), gpu, config.variant.opts())
+            training = config.training()
+            if self.alloc_conf:
+                training = training.with_(alloc_conf=self.alloc_conf)
+            return estimate(self.arch, config.variant.method, training, gpu, config.variant.opts())
         except TrainingError as exc:  # e.g. a paged optimizer with sharding: this setup cannot run
             raise MethodError(str(exc).splitlines()[0]) from None
 
@@ -983,8 +987,49 @@ def _compute_dtype(precision: str) -> str:
 
 
 def _device_total(peak: int) -> int:
-    """estimate()'s device total for an allocated peak: reserved (point estimate) + CUDA context."""
-    return _reserved(peak)[0] + int(overheads()["cuda_context_bytes"]["value"])
+    """A lower bound of estimate()'s device total for an allocated peak: reserved >= allocated, and
+    reserved itself needs the configuration's own timeline replayed through the caching allocator
+    (engine/allocator.py), which the fast path does not have. Rows shown are re-estimated (_exact_rows)."""
+    return peak + int(overheads()["cuda_context_bytes"]["value"])
+
+
+EXACT_ROWS = 20  # rows re-estimated with the allocator replay (the table shows 15 by default)
+
+
+def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[PlanRow]
+                ) -> tuple[list[PlanRow], list[PlanRow], Estimate | None]:
+    """Rows with estimate()'s own numbers and fit verdict (fit.py: reserved from the caching-allocator
+    replay) for what plan_table shows: the first EXACT_ROWS fitting rows, and the first fitting row of
+    each method variant / checkpointing / attention / shard (its `distinct` view) up to EXACT_ROWS of
+    them; the closest misses when nothing fits. A fast row's device total is a lower bound, so a row
+    can only move from fitting to not; the ones that do join `closest`."""
+    first: Estimate | None = None
+    out: list[PlanRow] = []
+    missed: list[PlanRow] = []
+    exact_keys: set[tuple[str, bool, str, str]] = set()
+    for row in fitting:
+        key = (row.config.variant.label, row.config.grad_ckpt, row.config.attention, row.config.shard)
+        if row.path != "direct" and (len(out) < EXACT_ROWS or (key not in exact_keys
+                                                                and len(exact_keys) < EXACT_ROWS)):
+            try:
+                est = ev.estimate(row.config, gpu)
+            except MethodError:
+                continue
+            row = replace(row_from_estimate(row.config, est), train_time_s=row.train_time_s,
+                          train_cost_usd=row.train_cost_usd)
+            if first is None and row.fits and not out:
+                first = est
+        if not row.fits:
+            missed.append(row)
+            continue
+        if row.path == "direct":
+            exact_keys.add(key)
+        out.append(row)
+    if not fitting:
+        closest = [row_from_estimate(r.config, ev.estimate(r.config, gpu)) if r.path != "direct" else r
+                   for r in closest[:EXACT_ROWS]] + closest[EXACT_ROWS:]
+    closest = sorted(missed + closest, key=lambda r: (r.device_total_bytes, r.config.label))
+    return sorted(out, key=_rank_key), closest, first
 
 
 def row_from_estimate(config: PlanConfig, est: Estimate) -> PlanRow:
@@ -1049,7 +1094,7 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
          grad_ckpt: Sequence[bool] = GRAD_CKPT, attentions: Sequence[str] = ATTENTIONS,
          optimizers: Sequence[str] = OPTIMIZERS, seq_sweep: Sequence[int] = SEQ_SWEEP,
          shard: str | None = None, shards: Sequence[str] | None = None,
-         fast: bool = True, verify: bool = True) -> PlanResult:
+         fast: bool = True, verify: bool = True, alloc_conf: str = "") -> PlanResult:
     """Every searched configuration of `arch` on `n_gpus` x `gpu`; those that fit ranked by tokens/s.
 
     With `n_gpus` > 1, every configuration carries `n_gpus` and a sharding strategy (`shard`, or
@@ -1109,6 +1154,7 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
                          "this plan is for one GPU, each of the others would hold the same. Time and cost assume "
                          f"{n_gpus} data-parallel GPUs scaling linearly")
     ev = Evaluator(arch, ranks=ranks, fast=fast, sharded_fast=not modelled)
+    ev.alloc_conf = alloc_conf
 
     settings = [(ck, at, opt, sh) for sh in shard_list for ck in grad_ckpt for at in attentions for opt in optimizers]
 
@@ -1151,13 +1197,16 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
             break
         best_estimate = ev.estimate(first.config, gpu)
         direct = row_from_estimate(first.config, best_estimate)
-        if (direct.peak_allocated_bytes, direct.device_total_bytes, direct.flops_per_step, direct.trainable_params) == \
-                (first.peak_allocated_bytes, first.device_total_bytes, first.flops_per_step, first.trainable_params):
+        if (direct.peak_allocated_bytes, direct.flops_per_step, direct.trainable_params) == \
+                (first.peak_allocated_bytes, first.flops_per_step, first.trainable_params):
             break
         ev.distrust(first.config)
         notes.append(f"the fast path disagreed with estimate() on {first.config.variant.label} "
                      f"({'ckpt' if first.config.grad_ckpt else 'no ckpt'}, {first.config.attention}): "
                      "estimated directly")
+    fitting, closest, first_estimate = _exact_rows(ev, gpu, fitting, closest)
+    if first_estimate is not None:
+        best_estimate = first_estimate
     if not fitting:
         best_estimate = None
     forced = _unique_list(v.method for v in variants for c in [PlanConfig(v, 1, seq, False, attentions[0],
@@ -1229,6 +1278,10 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         limits.append(MethodLimit(m, seq_row.config.seq_len if seq_row else None, seq_row,
                                   mb_row.config.micro_batch if mb_row else None, mb_row, searched_to, limited))
 
+    if limits and fast:
+        notes.append("largest sequence / micro-batch per method: searched on allocated + CUDA context, a lower "
+                     "bound of the device total (the caching-allocator replay needs each configuration's own "
+                     f"timeline); the first {EXACT_ROWS} configurations that fit are re-estimated with it")
     if tokens is not None and price is None:
         notes.append("no price per hour for this GPU in the catalog: pass price_per_hour for costs")
     suggestion = None if fitting else _what_would_fit(ev, arch, gpu, closest, limits, seq, chosen, precision,

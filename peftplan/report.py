@@ -147,7 +147,7 @@ def to_rows(comparison: Comparison) -> list[dict[str, Any]]:
             "envelope_low_bytes": e.memory.envelope_low_bytes, "envelope_high_bytes": e.memory.envelope_high_bytes,
             "peak_phase": e.memory.peak_phase,
             "gpu_memory_bytes": e.gpu_memory_bytes, "fits": e.fits, "headroom_bytes": e.headroom_bytes,
-            "trainable_params": e.params.trainable, "total_params": e.params.total,
+            "verdict": e.verdict, "trainable_params": e.params.trainable, "total_params": e.params.total,
             "trainable_percent": e.params.trainable_percent,
             "flops_per_step": e.compute.flops_per_step, "step_time_s": e.compute.step_time_s,
             "tokens_per_s": e.compute.tokens_per_s, "matmul_dtype": e.compute.matmul_dtype,

@@ -70,6 +70,9 @@ class Training:
     # committed record was made with (a record without this field is that step); the CLI defaults to "trl".
     trainer: str = "hf"
     trainer_options: tuple[str, ...] = ()  # the trainer's switches that are on (e.g. "packing" for trl)
+    # PYTORCH_CUDA_ALLOC_CONF of the run ("" = torch's defaults): the caching allocator's settings,
+    # replayed for the reserved peak (engine/alloc_conf.py, engine/allocator.py)
+    alloc_conf: str = ""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "seq_len", "grad_accum"):
@@ -97,6 +100,13 @@ class Training:
         if isinstance(self.trainer_options, list):  # a record's JSON list
             object.__setattr__(self, "trainer_options", tuple(self.trainer_options))
         get_trainer(self.trainer).check_options(self.trainer_options)
+        if self.alloc_conf:
+            from .engine.alloc_conf import AllocConfError, parse_alloc_conf
+
+            try:
+                parse_alloc_conf(self.alloc_conf)
+            except AllocConfError as exc:
+                raise TrainingError(str(exc)) from None
 
     def with_(self, **changes: object) -> "Training":
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -87,11 +87,11 @@ def test_gpu_profile_inside_and_outside_the_envelope(tmp_path):
     rec, est = gpu_record(0)
     m = est.memory
     assert m.envelope_high_bytes > m.envelope_low_bytes == m.peak_allocated_bytes
-    inside, _ = gpu_record((m.envelope_low_bytes + m.envelope_high_bytes) // 2, reserved=m.envelope_high_bytes,
-                           step_time=(est.compute.step_time_s or 1) * 2)
+    inside, _ = gpu_record((m.envelope_low_bytes + m.envelope_high_bytes) // 2,
+                           reserved=int(m.peak_reserved_bytes * 1.02), step_time=(est.compute.step_time_s or 1) * 2)
     above, _ = gpu_record(m.envelope_high_bytes + 1)
     below, _ = gpu_record(m.envelope_low_bytes - 1)
-    huge_reserved, _ = gpu_record(m.peak_allocated_bytes, reserved=m.envelope_high_bytes * 2)
+    huge_reserved, _ = gpu_record(m.peak_allocated_bytes, reserved=int(m.peak_reserved_bytes * 1.04))
     for name, r in (("inside", inside), ("above", above), ("below", below), ("reserved", huge_reserved)):
         write(tmp_path, name, r)
     by = {Path(f.path).stem: f for f in check_paths([tmp_path]).findings}
@@ -234,3 +234,22 @@ def test_tiny_matrix_is_well_formed():
     assert {e.training.get("attention", "sdpa") for e in ci} == {"sdpa", "eager"}
     assert all(e.xfail == XFAIL.get(e.id) for e in ci)
     assert len({e.id for e in ci}) == len(ci)
+
+
+def test_reserved_is_checked_against_the_replay_under_the_records_alloc_conf(tmp_path):
+    """A hand-made GPU record (never committed): its PYTORCH_CUDA_ALLOC_CONF (env) selects the replay."""
+    rec, est = gpu_record(None, method="full")
+    expandable = estimate(load_model("llama3.2-1b"), "full", est.training.with_(alloc_conf="expandable_segments:True"),
+                          load_gpu("a100-80g")).memory
+    assert expandable.peak_reserved_bytes != est.memory.peak_reserved_bytes
+    rec["memory"]["peak_allocated_bytes"] = est.memory.peak_allocated_bytes
+    rec["memory"]["peak_reserved_bytes"] = expandable.peak_reserved_bytes
+    rec["env"] = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    write(tmp_path, "expandable", rec)
+    f = check_paths([tmp_path]).findings[0]
+    assert f.reserved_predicted_bytes == expandable.peak_reserved_bytes and f.reserved_error_pct == 0
+    bad = tmp_path / "bad"
+    rec["env"] = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:maybe"}
+    write(bad, "expandable", rec)
+    with pytest.raises(CheckError, match="training"):
+        check_paths([bad])

@@ -9,7 +9,7 @@ import pytest
 
 from peftplan.catalog import custom_gpu, gpu_catalog, load_gpu, load_model
 from peftplan.methods import MethodError
-from peftplan.planner import (DEFAULT_METHODS, OPTIMIZERS, Evaluator, PlanConfig, plan, plan_table,
+from peftplan.planner import (DEFAULT_METHODS, EXACT_ROWS, OPTIMIZERS, Evaluator, PlanConfig, plan, plan_table,
                               row_from_estimate, variants_for)
 from peftplan.units import BYTES_PER_GIB
 
@@ -18,9 +18,11 @@ def _same(fast, direct) -> None:  # type: ignore[no-untyped-def]
     assert fast.path == "fast", fast.config.label
     what = fast.config.label
     assert fast.peak_allocated_bytes == direct.peak_allocated_bytes, what
-    assert fast.device_total_bytes == direct.device_total_bytes, what
-    assert fast.headroom_bytes == direct.headroom_bytes, what
-    assert fast.fits == direct.fits, what
+    # the fast path's device total is a lower bound (allocated + CUDA context): reserved >= allocated, and
+    # reserved needs the configuration's own caching-allocator replay, which only estimate() runs
+    assert fast.device_total_bytes <= direct.device_total_bytes, what
+    assert fast.headroom_bytes == fast.gpu_memory_bytes - fast.device_total_bytes, what
+    assert fast.fits or not direct.fits, what
     assert fast.flops_per_step == direct.flops_per_step, what
     assert fast.tokens_per_s == direct.tokens_per_s, what  # the same float arithmetic, bit for bit
     assert fast.step_time_s == direct.step_time_s, what
@@ -80,10 +82,12 @@ def test_plan_fast_equals_plan_direct() -> None:
     direct = plan(arch, gpu, fast=False, **kw)
     assert fast.stats.direct == 0 and direct.stats.fast == 0
     key = lambda r: (r.config, r.peak_allocated_bytes, r.device_total_bytes, r.fits, r.tokens_per_s)  # noqa: E731
-    assert [key(r) for r in fast.rows] == [key(r) for r in direct.rows]
-    assert [key(r) for r in fast.closest] == [key(r) for r in direct.closest]
+    # the first EXACT_ROWS rows are re-estimated (allocator replay); below them fast rows keep a lower bound
+    assert [key(r) for r in fast.rows[:EXACT_ROWS]] == [key(r) for r in direct.rows[:EXACT_ROWS]]
+    assert {r.config for r in direct.rows} <= {r.config for r in fast.rows}
+    assert {r.config for r in fast.closest} <= {r.config for r in direct.closest}
     for a, b in zip(fast.limits, direct.limits):
-        assert (a.method, a.max_seq_len) == (b.method, b.max_seq_len)
+        assert a.method == b.method and (a.max_seq_len or 0) >= (b.max_seq_len or 0)
         # the fast path searches micro-batches beyond the grid; direct stays on the grid
         if b.max_micro_batch is not None:
             assert a.max_micro_batch is not None and a.max_micro_batch >= b.max_micro_batch

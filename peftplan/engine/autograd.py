@@ -352,6 +352,9 @@ def _recompute(self: Tape, g: CheckpointGroup) -> None:
         if snaps:
             peak, phase_peaks, fl = snaps[0]
             self.alloc.peak, self.alloc.phase_peaks = peak, phase_peaks
+            for o in unsaved:  # never allocated either: off the allocator timeline (sim.Allocator.events)
+                if o.event >= 0:
+                    self.alloc.events[o.event] = 0
             if temp is not None and fl is not None:
                 temp.forward, temp.causal_forward = fl
     # unwind the frame: only the references the saved lists hold survive

@@ -19,6 +19,9 @@ from .sim import rounded
 
 BNB_BLOCKSIZE = 256  # bitsandbytes 8-bit optimizer blockwise quantization block (optim/optimizer.py)
 BNB_MIN_8BIT_SIZE = 4096  # Optimizer8bit min_8bit_size default: smaller tensors keep 32-bit states
+# bitsandbytes optim/optimizer.py Optimizer8bit.get_state_buffer: `if not self.is_paged or p.numel() < 1e5:
+# return torch.zeros_like(p, ...)`: a paged optimizer pages only tensors of 1e5 elements or more
+BNB_PAGED_MIN_NUMEL = 100_000
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,11 @@ class OptimizerCost:
     state_bytes: int
     paged_bytes: int
     scratch_bytes: int  # alive at once during that tensor's update (for-loop) or per list (foreach)
+    parts: tuple[int, ...] = ()  # the device state tensors of `state_bytes`, in the order the step creates them
     # One parameter at a time (torch's for-loop implementations, transformers' Adafactor): the peak of this
     # tensor's own update, and what the Python loop variables keep alive until the next tensor's update
     # rebinds them (`denom` in torch/optim/adamw.py _single_tensor_adamw, `update` in Adafactor.step).
-    loop_peak_bytes: int = 0
+    loop_parts: tuple[int, ...] = ()  # the tensors alive at once at this tensor's own update peak
     leftover_bytes: int = 0
 
 
@@ -46,47 +50,54 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
         scratch = 0 if impl == "fused" else r(numel, dtype)
         # _single_tensor_adamw: `denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)`: the sqrt and
         # the quotient alive together; `denom` survives into the next parameter's iteration
-        loop = (2 * scratch, scratch)
-        if optimizer == "paged-adamw":
-            return OptimizerCost(step, states, scratch, *loop)
-        return OptimizerCost(states + step, 0, scratch, *loop)
+        loop = {"loop_parts": (scratch, scratch) if scratch else (), "leftover_bytes": scratch}
+        if optimizer == "paged-adamw" and numel >= BNB_PAGED_MIN_NUMEL:
+            return OptimizerCost(step, states, scratch, (step,) if step else (), **loop)
+        # adamw.py _init_group: state["step"], then exp_avg, exp_avg_sq
+        return OptimizerCost(states + step, 0, scratch, ((step,) if step else ()) + (r(numel, dtype),) * 2, **loop)
     if optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         if numel < BNB_MIN_8BIT_SIZE:
-            states = 2 * r(numel, FP32)
+            parts: tuple[int, ...] = (r(numel, FP32),) * 2
         else:
             blocks = -(-numel // BNB_BLOCKSIZE)
-            states = 2 * (r(numel, UINT8) + r(blocks, FP32))
-        if optimizer == "paged-adamw-8bit":
+            # Optimizer2State.init_state: state1, state2 (uint8), then absmax1, absmax2 (fp32)
+            parts = (r(numel, UINT8),) * 2 + (r(blocks, FP32),) * 2
+        states = sum(parts)
+        if optimizer == "paged-adamw-8bit" and numel >= BNB_PAGED_MIN_NUMEL:
             return OptimizerCost(0, states, 0)
-        return OptimizerCost(states, 0, 0)
+        return OptimizerCost(states, 0, 0, parts)
     if optimizer == "sgd":
         return OptimizerCost(0, 0, 0)
     if optimizer == "sgd-momentum":
-        return OptimizerCost(r(numel, dtype), 0, 0 if impl == "fused" else 0)
+        return OptimizerCost(r(numel, dtype), 0, 0 if impl == "fused" else 0, (r(numel, dtype),))
     if optimizer == "lion":
-        return OptimizerCost(r(numel, dtype), 0, r(numel, dtype), 2 * r(numel, dtype), 0)
+        return OptimizerCost(r(numel, dtype), 0, r(numel, dtype), (r(numel, dtype),),
+                             loop_parts=(r(numel, dtype),) * 2)
     if optimizer == "adafactor":
         if shape2d is not None:
             rows, cols = shape2d
-            state = r(rows, FP32) + r(cols, FP32)
+            parts = (r(rows, FP32), r(cols, FP32))  # exp_avg_sq_row, exp_avg_sq_col
         else:
-            state = r(numel, FP32)
+            parts = (r(numel, FP32),)
+        state = sum(parts)
         # transformers optimization.py Adafactor.step, per parameter: `update = (grad**2) + eps` (the pow and
         # the sum alive together), then `_approx_sq_grad` builds the next update while the first is alive:
         # two fp32 parameter-sized tensors; a 16-bit parameter adds `grad.float()` and `p.float()` copies
         # alive through its whole update. The previous parameter's `update` is freed only when this one's
-        # is assigned (adafactor_step_scratch).
-        copies = 2 * r(numel, FP32) if dtype.bits < 32 else 0
-        own = 2 * r(numel, FP32) + copies
-        return OptimizerCost(state, 0, own, own, r(numel, FP32))
+        # is assigned (sequential_step_scratch).
+        own = (r(numel, FP32),) * (4 if dtype.bits < 32 else 2)
+        return OptimizerCost(state, 0, sum(own), parts, loop_parts=own, leftover_bytes=r(numel, FP32))
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
-def sequential_step_scratch(costs: list[OptimizerCost]) -> int:
-    """Peak scratch of an optimizer that updates one parameter at a time, in `costs` order: a tensor's own
-    update peak plus what the previous iteration left alive (OptimizerCost.leftover_bytes)."""
-    peak, previous = 0, 0
+def sequential_step_scratch(costs: list[OptimizerCost]) -> tuple[int, list[int]]:
+    """Peak scratch of an optimizer that updates one parameter at a time, in `costs` order, and the tensors
+    alive at that peak: a tensor's own update temporaries plus what the previous iteration left alive
+    (OptimizerCost.leftover_bytes)."""
+    peak, peak_parts, previous = 0, [], 0
     for cost in costs:
-        peak = max(peak, previous + cost.loop_peak_bytes)
+        here = previous + sum(cost.loop_parts)
+        if here > peak:
+            peak, peak_parts = here, [previous, *cost.loop_parts] if previous else list(cost.loop_parts)
         previous = cost.leftover_bytes
-    return peak
+    return peak, peak_parts

@@ -208,6 +208,7 @@ class ShardedAllocator(Allocator):
     def new_bytes(self, nbytes: int, category: str) -> Tensor:
         t = Tensor(0, self.plan.compute, category, False, nbytes, 1, True)  # type: ignore[arg-type]
         self.add_bytes(nbytes, category)  # type: ignore[arg-type]
+        t.event = self.last_event  # its free goes on the timeline (engine/allocator.py)
         return t
 
     def free(self, t: Tensor | None) -> None:
@@ -222,6 +223,7 @@ class ShardedAllocator(Allocator):
                 nbytes = 0
             t = Tensor(numel, dtype, category, requires_grad, nbytes, 1, True, label)
             self.add_bytes(nbytes, category)
+            t.event = self.last_event
             return t
         if category == "grads" and plan.fsdp:
             # unsharded gradient (the unpadded parameter's shape) in the reduce dtype until the group's
@@ -229,11 +231,13 @@ class ShardedAllocator(Allocator):
             nbytes = rounded(plan.compute.bytes_for(numel)) * count
             t = Tensor(numel, dtype, "temporaries", requires_grad, nbytes, 1, True, label)
             self.add_bytes(nbytes, "temporaries")
+            t.event = self.last_event
             return t
         if category == "grads" and plan.grads_sharded:
             nbytes = rounded(dtype.bytes_for(plan.local_numel(numel))) * count
             t = Tensor(numel, dtype, category, requires_grad, nbytes, 1, True, label)
             self.add_bytes(nbytes, category)
+            t.event = self.last_event
             return t
         return super().new(numel, dtype, category, requires_grad, label, count)
 
@@ -252,6 +256,7 @@ def load_param(alloc: Allocator, p: Param, rows: int = 0) -> Tensor:
         nbytes = 0
     t = Tensor(p.numel, p.dtype, category, p.trainable, nbytes, 1, True)  # type: ignore[arg-type]
     alloc.add_bytes(nbytes, category)  # type: ignore[arg-type]
+    t.event = alloc.last_event
     return t
 
 
@@ -375,7 +380,7 @@ def optimizer_costs(plan: ShardPlan, trainables: list[Param], shapes: dict[int, 
         c = tensor_cost(t.optimizer, t.optimizer_impl, numel, p.dtype, shape)
         if t.offload != "none":
             plan.host_bytes += c.state_bytes
-            c = replace(c, state_bytes=0, scratch_bytes=0)
+            c = replace(c, state_bytes=0, scratch_bytes=0, parts=(), loop_parts=(), leftover_bytes=0)
         out.append(c)
     return out
 

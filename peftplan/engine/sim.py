@@ -3,7 +3,11 @@
 No tensor holds data; each has a byte size (rounded up to the CUDA caching allocator's 512-byte
 block, c10/cuda/CUDACachingAllocator.cpp `kMinBlockSize`), a category and a reference count.
 The running total and its maximum give the peak of `torch.cuda.max_memory_allocated`; the
-breakdown by category at the peak says which term made it.
+breakdown by category at the peak says which term made it. `Allocator.events` keeps the ordered
+allocations and frees as plain integers (n > 0: allocate n bytes, handle = its index; ~i: free the
+allocation made at event i; 0: an allocation taken back, e.g. a checkpoint recompute's output that
+its early stop never computed), which engine/allocator.py replays through the caching allocator
+for the reserved peak.
 
 Categories match what the tracer (peftplan/harness/trace.py) records, so the two compare term
 by term.
@@ -47,6 +51,7 @@ class Tensor:
     refs: int = 1
     alive: bool = True
     label: str = ""
+    event: int = -1  # index of its allocation in Allocator.events (-1: none recorded)
 
 
 @dataclass
@@ -66,6 +71,10 @@ class Allocator:
         self._phase_key = "load"  # the phase's kind ("forward", "backward", ...), cached: _note runs per tensor
         self.peak = Peak()
         self.phase_peaks: dict[str, int] = {}
+        self.events: list[int] = []  # the timeline for engine/allocator.py (see the module docstring)
+        self.parts: list[int] | None = None  # set before add_bytes: the separate tensors it stands for
+        self.last_event = -1  # the first event of the last add_bytes()
+        self._counts: dict[int, int] = {}  # event -> tensors, for new(count > 1)
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -81,15 +90,34 @@ class Allocator:
     def new(self, numel: int, dtype: DType, category: Category, requires_grad: bool = False,
             label: str = "", count: int = 1) -> Tensor:
         """Allocate `count` identical tensors as one record (e.g. one per layer); returns the record."""
-        nbytes = rounded(dtype.bytes_for(numel)) * count
+        each = rounded(dtype.bytes_for(numel))
+        nbytes = each * count
         t = Tensor(numel, dtype, category, requires_grad, nbytes, 1, True, label)
+        if each:
+            t.event = len(self.events)
+            if count == 1:
+                self.events.append(each)
+            else:
+                self._counts[t.event] = count
+                self.events.extend([each] * count)
         self.by_category[category] += nbytes
         self.total += nbytes
         self._note()
         return t
 
     def add_bytes(self, nbytes: int, category: Category) -> None:
-        """Account already-rounded bytes (a group of small tensors computed elsewhere)."""
+        """Account already-rounded bytes (a group of small tensors computed elsewhere: set `parts`
+        to their sizes first, in allocation order, for the timeline). Never freed unless a
+        Tensor made for it takes `last_event` as its event."""
+        parts = self.parts
+        self.parts = None
+        events = self.events
+        self.last_event = len(events) if nbytes else -1
+        if parts is None:
+            if nbytes:
+                events.append(nbytes)
+        else:
+            events.extend(p for p in parts if p)
         self.by_category[category] += nbytes
         self.total += nbytes
         self._note()
@@ -111,11 +139,20 @@ class Allocator:
         t.refs -= 1
         if t.refs <= 0:
             t.alive = False
+            if t.event >= 0:
+                count = self._counts.pop(t.event, 1) if self._counts else 1
+                if count == 1:
+                    self.events.append(~t.event)
+                else:
+                    self.events.extend(~e for e in range(t.event, t.event + count))
             self.by_category[t.category] -= t.nbytes
             self.total -= t.nbytes
 
     def spike(self, nbytes: int, category: Category = "temporaries") -> None:
-        """A transient allocation freed at once (e.g. a kernel's scratch buffer)."""
+        """A transient allocation freed at once (e.g. a kernel's scratch buffer); with `parts` set,
+        that many separate tensors, all allocated and then all freed."""
+        start = len(self.events)
         self.add_bytes(nbytes, category)
+        self.events.extend(~i for i in range(start, len(self.events)))
         self.by_category[category] -= nbytes
         self.total -= nbytes

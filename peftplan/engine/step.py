@@ -12,7 +12,7 @@ no_grad and reruns it whole inside one CheckpointFunction node's backward (autog
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..arch import Linear, ModelArch
 from ..dtypes import FP32, INT64, DType
@@ -41,19 +41,26 @@ class StepMemory:
     optimizer_state_bytes: int
     paged_optimizer_bytes: int  # outside max_memory_allocated (CUDA unified memory)
     host_bytes: int = 0  # offloaded to host memory (sharding.py), per rank
+    # the ordered allocations / frees, load phase included (sim.Allocator.events; engine/allocator.py)
+    events: list[int] = field(default_factory=list, repr=False, compare=False)
 
 
 def _quant_constant_bytes(numel: int, tuned_quant) -> int:  # type: ignore[no-untyped-def]
     """bitsandbytes QuantState tensors for one weight (see tuned.Quant)."""
+    return sum(_quant_constant_parts(numel, tuned_quant))
+
+
+def _quant_constant_parts(numel: int, tuned_quant) -> list[int]:  # type: ignore[no-untyped-def]
+    """The QuantState's tensors, one allocation each (the caching allocator places them separately)."""
     if tuned_quant.kind == "int8":
-        return 0  # the per-row SCB is added by the caller (needs out_features)
+        return []  # the per-row SCB is added by the caller (needs out_features)
     blocks = -(-numel // tuned_quant.blocksize)
     code = rounded(16 * 4)  # the 16-entry fp32 NF4/FP4 code table of the QuantState
     if not tuned_quant.double_quant:
-        return rounded(blocks * 4) + code
+        return [rounded(blocks * 4), code]
     dq_blocks = -(-blocks // tuned_quant.dq_blocksize)
     # uint8 absmax + fp32 absmax of the absmax + the 256-entry fp32 dynamic code + the fp32 offset
-    return rounded(blocks) + rounded(dq_blocks * 4) + rounded(256 * 4) + rounded(4) + code
+    return [rounded(blocks), rounded(dq_blocks * 4), rounded(256 * 4), rounded(4), code]
 
 
 def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param], int]:
@@ -82,9 +89,11 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             packed = t.quant is not None and t.quant.kind != "int8"
             w = param(lin.weight_numel, t.weight_dtype, t.weight_trainable, 0 if packed else lin.out_features)
             if t.quant is not None:
-                qb = _quant_constant_bytes(lin.weight_numel, t.quant)
+                parts = _quant_constant_parts(lin.weight_numel, t.quant)
                 if t.quant.kind == "int8":
-                    qb = rounded(lin.out_features * 4)  # Int8Params SCB: one fp32 scale per row
+                    parts = [rounded(lin.out_features * 4)]  # Int8Params SCB: one fp32 scale per row
+                qb = sum(parts)
+                alloc.parts = parts
                 alloc.add_bytes(qb, "quant_constants")
                 quant_bytes += qb
             b = param(lin.out_features, t.bias_dtype, t.bias_trainable) if lin.bias else None
@@ -336,8 +345,9 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
     state_bytes = sum(c.state_bytes for c in costs)
     paged = sum(c.paged_bytes for c in costs)
     # transformers' Adafactor has one (per-parameter) implementation, whatever optimizer_impl says
+    sequential_parts: list[int] = []
     if training.optimizer == "adafactor" or training.optimizer_impl == "for-loop":
-        step_scratch = sequential_step_scratch(_in_optimizer_order(trainables, costs, shapes))
+        step_scratch, sequential_parts = sequential_step_scratch(_in_optimizer_order(trainables, costs, shapes))
     elif training.optimizer_impl == "foreach":
         step_scratch = sum(c.scratch_bytes for c in costs)
     else:
@@ -359,8 +369,15 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
                 _forward_backward(alloc, model, params, training, grad_ckpt, label)
         alloc.set_phase(f"optimizer:step{step}")
         if not states_alive:
+            parts = [n for c in costs for n in c.parts]
+            if sum(parts) == state_bytes:  # each state tensor on the timeline (engine/allocator.py)
+                alloc.parts = parts
             alloc.add_bytes(state_bytes, "optimizer_state")
             states_alive = True
+        if sequential_parts:  # one parameter at a time: its temporaries and the previous one's leftover
+            alloc.parts = list(sequential_parts)
+        elif training.optimizer_impl == "foreach":  # _multi_tensor_*: one scratch tensor per parameter, a list
+            alloc.parts = [c.scratch_bytes for c in costs if c.scratch_bytes]
         alloc.spike(step_scratch)
         grad_bytes = alloc.by_category["grads"]
         # zero_grad(set_to_none=True): every gradient freed
@@ -371,7 +388,7 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
         if plan is not None:
             plan.zero_grad(alloc)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
-                      state_bytes, paged, plan.host_bytes if plan is not None else 0)
+                      state_bytes, paged, plan.host_bytes if plan is not None else 0, alloc.events)
 
 
 def _in_optimizer_order(trainables: list[Param], costs: list["OptimizerCost"],

@@ -139,6 +139,10 @@ class CudaMeter(MemoryMeter):
         self.peak_reserved = 0
         self._t = time.perf_counter()
         self.phase_times: list[tuple[str, int, int, float]] = []
+        # the CUDA context (and anything else outside the caching allocator) before the model loads:
+        # device used (cudaMemGetInfo) - reserved; data/overheads.json cuda_context_bytes.by_compute_capability
+        free, total = torch.cuda.mem_get_info()
+        self.outside_allocator_bytes = int(total - free - torch.cuda.memory_reserved())
         torch.cuda.reset_peak_memory_stats()
 
     def _close(self) -> None:
@@ -179,6 +183,29 @@ class CudaMeter(MemoryMeter):
 
     def peak_so_far(self) -> int | None:
         return max(self.peak[0], int(self.torch.cuda.max_memory_allocated()))
+
+    def allocator_state(self) -> dict[str, Any]:
+        """What the caching allocator says at the end of the run, for the replay (engine/allocator.py):
+        memory_stats() counters over the run (peaks: since the last phase's reset) and a snapshot's
+        segments (torch.cuda.memory._snapshot())."""
+        cuda = self.torch.cuda
+        stats = cuda.memory_stats()
+        keys = ("num_alloc_retries", "num_ooms", "num_device_alloc", "segment.all.current", "segment.all.peak",
+                "reserved_bytes.all.current", "allocated_bytes.all.current", "inactive_split_bytes.all.current",
+                "reserved_bytes.small_pool.current", "reserved_bytes.large_pool.current",
+                "oversize_segments.current")
+        out: dict[str, Any] = {"memory_stats": {k: int(stats[k]) for k in keys if k in stats},
+                               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+                               "outside_allocator_bytes_at_start": self.outside_allocator_bytes}
+        try:
+            segments = cuda.memory._snapshot()["segments"]
+            free = [b["size"] for seg in segments for b in seg["blocks"] if b["state"] == "inactive"]
+            out["snapshot"] = {"segments": len(segments), "reserved_bytes": sum(seg["total_size"] for seg in segments),
+                               "largest_free_block_bytes": max(free, default=0),
+                               "segment_sizes": sorted(seg["total_size"] for seg in segments)}
+        except Exception as exc:  # pragma: no cover - the snapshot API is private
+            out["snapshot_error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return out
 
     def summary(self) -> dict[str, Any]:
         self._close()
@@ -505,6 +532,8 @@ def environment(device: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         env["cpu_threads"] = torch.get_num_threads()
         return env, None
     env["cuda"] = torch.version.cuda or "unknown"
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # check.py replays the allocator with it
+        env["PYTORCH_CUDA_ALLOC_CONF"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     env["cudnn"] = str(torch.backends.cudnn.version())
     env["driver"] = _driver_version()
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
@@ -627,6 +656,7 @@ def measure(spec: dict[str, Any], dist_info: dict[str, Any] | None = None) -> di
             memory["peak_reserved_bytes"] = s["peak_reserved_bytes"]
             memory["phase_peaks_reserved"] = s["phase_peaks_reserved"]
             memory["after_load_reserved_bytes"] = meter.after_load.get("reserved_bytes")
+            memory["allocator"] = meter.allocator_state()
             record["timing"] = timing
         else:
             memory["components"] = s["components"]

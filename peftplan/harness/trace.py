@@ -417,6 +417,25 @@ def compute_summary(tr: MemoryTracker) -> dict[str, Any]:
     }
 
 
+def allocator_events(tr: MemoryTracker) -> list[int]:
+    """The traced timeline in engine/allocator.py's form (n >= 0: allocate n bytes; ~i: free the
+    allocation of event i), every storage the CUDA caching allocator would serve; host-side
+    scalars (AdamW's non-fused step counters) are left out, as in the peak."""
+    out: list[int] = []
+    handle: dict[int, int] = {}
+    for rec, sign, _ in tr.events:
+        if rec.role == "host" or not rec.nbytes:
+            continue
+        if sign > 0:
+            handle[id(rec)] = len(out)
+            out.append(rec.nbytes)
+        else:
+            h = handle.pop(id(rec), None)
+            if h is not None:
+                out.append(~h)
+    return out
+
+
 def event_log(tr: MemoryTracker) -> list[dict[str, Any]]:
     out = []
     total = 0
@@ -656,6 +675,8 @@ class TraceResult:
     events: list[dict[str, Any]] | None = None
     saved: list[dict[str, Any]] | None = None
     held: list[dict[str, Any]] | None = None
+    # the timeline for the caching-allocator replay (allocator_events); not written to records
+    alloc_events: list[int] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -826,6 +847,7 @@ def trace(arch: ModelArch, method: str, options: Any = None, training: Training 
         events=event_log(tracker) if record_events else None,
         saved=tracker.saved_log if record_events else None,
         held=tracker.held_log if record_events else None,
+        alloc_events=allocator_events(tracker),
     )
     return res
 
