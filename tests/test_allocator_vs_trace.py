@@ -27,9 +27,8 @@ from peftplan.training import Training  # noqa: E402
 from test_engine_vs_trace import _arch  # noqa: E402  (the CI matrix's small synthetic configs)
 
 SMALL_SEGMENT = 2 * 2**20  # kSmallBuffer; also the small pool's expandable page
-PTUNING = ("ptuning: the engine models P-tuning's PromptEncoder MLP with grouped tensors (688128 B and "
-           "3151872 B blocks the trace never allocates; the trace has the separate sub-MiB ones), so its "
-           "small pool packs differently: engine reserved below the trace's by 8-10 MiB (12-15%) on 'small'")
+# P-tuning's PromptEncoder is modelled as its separate tensors since 2026-12-02: the strict xfail on 'small'
+# (engine reserved 8-10 MiB below the trace's) is gone.
 
 
 @lru_cache(maxsize=None)
@@ -66,8 +65,6 @@ def test_engine_replay_equals_trace_replay(method, size, grad_ckpt):
 def test_engine_replay_within_one_small_segment_of_trace_replay(method, size, grad_ckpt, conf, request):
     if method == "prefix" and grad_ckpt:
         pytest.skip("peft refuses prefix tuning with gradient checkpointing (test_engine_vs_trace checks the error)")
-    if method == "ptuning" and size == "small":
-        request.node.add_marker(pytest.mark.xfail(reason=PTUNING, strict=True))
     engine, traced = _timelines(method, size, grad_ckpt)
     c = parse_alloc_conf(conf)
     a, b = replay(engine, c), replay(traced, c)

@@ -71,6 +71,13 @@ def test_peft_counts_match(name, method):
     options = {"targets": "all-linear"} if method in ("lora", "dora") and arch.model_type == "phi3" else {}
     if method == "ia3" and arch.model_type == "phi3":
         options = {"targets": "qkv_proj,o_proj"}
+    if method in ("prompt", "ptuning", "prefix") and arch.task == "masked-lm":
+        # peft has no masked-LM task type: the engine refuses (methods/prompting.py check_prompt_task)
+        from peftplan.methods import MethodError
+
+        with pytest.raises(MethodError, match="masked-LM"):
+            build_tuned(arch, method, options, Training(micro_batch=1, seq_len=64))
+        return
     if method in ("prompt", "ptuning") and arch.embeddings[0][2] != arch.hidden_size:
         # OPT-350m: the soft prompt (hidden_size wide) cannot be concatenated with its narrower embeddings;
         # the engine refuses what the real step fails on (tests/test_fuzz.py traces the failure)

@@ -15,7 +15,7 @@ from ..training import Training
 from ..tuned import ExtraParam, TunedModel
 from .base import MethodError, MethodSpec, register
 from .common import ADAPTER_DTYPE, frozen_base_dtype, uniform_model
-from .prompting import check_virtual_tokens, config_num_layers
+from .prompting import check_prompt_task, check_virtual_tokens, config_num_layers
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ def token_dim(arch: ModelArch) -> int:
 
 def build(arch: ModelArch, options: PrefixOptions, training: Training) -> TunedModel:
     check_virtual_tokens(options.virtual_tokens)
+    check_prompt_task(arch, "prefix tuning")
     if training.grad_ckpt:
         raise MethodError("peft 0.21 refuses prefix tuning with gradient checkpointing "
                           "(\"PREFIX_TUNING does not work with gradient checkpointing\"): drop --grad-ckpt")

@@ -14,7 +14,7 @@ from ..training import Training
 from ..tuned import ExtraParam, TunedModel
 from .base import MethodSpec, register
 from .common import ADAPTER_DTYPE, frozen_base_dtype, uniform_model
-from .prompting import check_prompt_width, check_virtual_tokens, submodules
+from .prompting import check_prompt_task, check_prompt_width, check_virtual_tokens, submodules
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class PromptOptions:
 
 def build(arch: ModelArch, options: PromptOptions, training: Training) -> TunedModel:
     check_virtual_tokens(options.virtual_tokens)
+    check_prompt_task(arch, "prompt tuning")
     check_prompt_width(arch, "prompt tuning")
     base = uniform_model(arch, "prompt", frozen_base_dtype(training), trainable=False)
     rows = options.virtual_tokens * submodules(arch)

@@ -15,6 +15,15 @@ def submodules(arch: ModelArch) -> int:
     return 2 if arch.task == "seq2seq-lm" else 1
 
 
+def check_prompt_task(arch: ModelArch, method: str) -> None:
+    """peft inserts soft prompts / prefixes only in its task models (PeftModelForCausalLM, ...ForSeq2SeqLM,
+    classification, feature extraction: peft_model.py); it has no masked-LM task type, and the plain
+    PeftModel.forward calls the base model without the prompt, so a masked-LM step never trains it."""
+    if arch.task == "masked-lm":
+        raise MethodError(f"peft {method} has no masked-LM task type: its soft prompt would never enter "
+                          f"{arch.name}'s MLM step (use a causal or seq2seq model)")
+
+
 def check_prompt_width(arch: ModelArch, method: str) -> None:
     """peft's prompt encoders are `token_dim` = config.hidden_size wide (peft_model.py `_setup_prompt_encoder`)
     and are concatenated with the input embeddings; a model whose embeddings are narrower than its hidden
