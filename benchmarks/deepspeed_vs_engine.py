@@ -104,8 +104,8 @@ def example_70b() -> dict:
         total = 70_553_706_496
         largest = 128_256 * 8192  # embed_tokens / lm_head, the largest layer
         _, z2 = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=8, cpu_offload=False)
-        _, z3 = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8, cpu_offload=False,
-                                                      cpu_offload_params=False)
+        _, z3, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8, cpu_offload=False,
+                                                         cpu_offload_params=False)
         out["deepspeed_estimator_gib"] = {"zero2": round(z2 / GiB, 2), "zero3": round(z3 / GiB, 2)}
     except Exception as exc:  # pragma: no cover - deepspeed missing
         out["deepspeed_estimator_gib"] = {"error": str(exc)}

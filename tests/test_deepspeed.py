@@ -9,15 +9,16 @@ bf16) whatever the model, so the totals are compared both with and without it, a
 engine models structurally (parameters, fp32 master + optimizer states, gradient partitions, buckets)
 must agree to the rounding of one allocation per tensor.
 
-Measured (small llama, hidden 512, 2 layers, batch 2 x 128, N=2), engine vs trace: zero1/2 full +0.45/+0.57%,
-LoRA +0.38%; zero3 full -0.87%, LoRA -1.0% (total, bucket included). Without the bucket the stage-3 gap is
--11.6%: on the CPU DeepSpeed's coalesced all-gather in step 2 holds a flat buffer of the whole (small)
-model beside the gathered parameters (an extra 11.5 MB here) which the engine does not model; whether
-CUDA's path (all_gather_into_tensor into the flat buffer, parameters as views) holds it too is not
-validated here.
+Measured (benchmarks/deepspeed_vs_engine.md: two small llamas, batch 2 x 128, N=2, checkpointing off/on,
+accumulation 1/2), engine vs trace without the bucket: ZeRO-1/2 within +1.8% (most within 0.2%); ZeRO-3 from
+-2.1% to -9.7%: DeepSpeed's coalesced prefetch on these small models (everything fits one 5e7-element
+prefetch bucket) holds a flat all-gather buffer that also covers the module being fetched, and keeps the
+embedding's gathered copy, which the engine (a decoder layer per gather unit) does not reproduce.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 
@@ -59,8 +60,10 @@ def test_zero_stages_order_and_no_autocast_copies():
     assert mem["zero3"].phase_peaks["forward"] < 1.25 * mem["fsdp-full"].phase_peaks["forward"]
 
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
+# the real-engine checks need torch + deepspeed (pip install '.[harness,deepspeed]'); the engine-only tests
+# above run without them
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or
+                                     importlib.util.find_spec("torch") is None, reason="deepspeed not installed")
 
 
 @pytest.fixture(scope="module")
@@ -69,22 +72,25 @@ def traced():
 
     arch = from_hf_config(SMALL, "small-llama")
     kw = dict(micro_batch=2, seq_len=128, n_gpus=2)
-    # one launch (two processes) for both: ~30-60 s on two CPU cores; ZeRO-1, ZeRO-2 full and ZeRO-3 LoRA are
-    # in benchmarks/deepspeed_vs_engine.py
-    configs = [("lora", {}, Training(shard="zero2", **kw)), ("full", {}, Training(shard="zero3", **kw))]
-    return arch, configs, trace_deepspeed(arch, configs)
+    # one launch (two processes) for both: ~30-50 s on two CPU cores (27 s of CPU); ZeRO-2 and LoRA are in
+    # benchmarks/deepspeed_vs_engine.py
+    configs = [("full", {}, Training(shard="zero1", **kw)), ("full", {}, Training(shard="zero3", **kw))]
+    # without the bucket: ZeRO-1 measured within 0.1% here, ZeRO-3 -3.5% (see the module docstring)
+    tolerance = {"zero1": 0.01, "zero3": 0.05}
+    return arch, configs, trace_deepspeed(arch, configs), tolerance
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("i", [0, 1])
 def test_engine_matches_real_deepspeed(traced, i):
-    arch, configs, results = traced
+    arch, configs, results, tolerance = traced
     method, _, tr = configs[i]
     r = results[i]
     assert not isinstance(r, str), r
     e = simulate_step(build_tuned(arch, method, {}, tr)[0], tr).peak
     t = r.peak_allocated_bytes
     assert abs(e.bytes - t) / t < 0.02, (e.bytes, t)
-    assert abs((e.bytes - BUCKET) - (t - BUCKET)) / (t - BUCKET) < 0.15, (e.bytes - BUCKET, t - BUCKET)
+    assert abs((e.bytes - BUCKET) - (t - BUCKET)) / (t - BUCKET) < tolerance[tr.shard], (e.bytes - BUCKET, t - BUCKET)
     tc, ec = r.components, e.components
     if tr.shard == "zero3":  # the persistent reduce bucket (the engine adds the in-flight prefetch buffer)
         assert tc.get("comm_buffers", 0) == BUCKET <= ec.get("comm_buffers", 0) < BUCKET * 1.02
@@ -98,3 +104,19 @@ def test_engine_matches_real_deepspeed(traced, i):
     # what DeepSpeed holds after the step: master partition + Adam states in fp32, 12 B per trainable / N
     trainable_local = sum(v for k, v in r.persistent.items() if k.startswith("fp32") or k.startswith("single"))
     assert r.persistent.get("optimizer.state.exp_avg") == trainable_local
+
+
+@needs_deepspeed
+def test_zero2_step_matches_deepspeeds_own_estimator():
+    """DeepSpeed's estimate_zero2_model_states_mem_needs (no offload): 2P + 18P/N (2 bf16 params; per N: 2 bf16
+    grads + 4 fp32 grads + 4 fp32 master + 8 Adam). The engine's optimizer step holds exactly that plus the
+    bf16 flat copy of the gradient partition that stage_1_and_2.py `step` makes before `.to(fp32)` (2P/N,
+    measured on the real engine: the step adds 8 B per partition element on top of the states)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    arch, n = load_model("llama3-8b"), 8
+    tr = Training(micro_batch=1, seq_len=256, n_gpus=n, shard="zero2")
+    m = simulate_step(build_tuned(arch, "full", {}, tr)[0], tr)
+    p = 8_030_261_248
+    _, ds = estimate_zero2_model_states_mem_needs(p, num_gpus_per_node=n, cpu_offload=False)
+    assert abs(m.phase_peaks["optimizer"] - (ds + 2 * p / n)) / ds < 0.005, (m.phase_peaks["optimizer"], ds)

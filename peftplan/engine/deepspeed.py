@@ -109,7 +109,11 @@ def setup_buffers(alloc: Allocator, plan: "ShardPlan", trainables: list[Param]) 
     else:
         alloc.add_bytes(master, "optimizer_state")
     if plan.stage == 3 and trainables:
-        alloc.add_bytes(rounded(plan.compute.bytes_for(local)), "grads")
+        grads = rounded(plan.compute.bytes_for(local))
+        if plan.training.offload != "none":  # stage3.py: on `self.device`, the CPU when the optimizer is offloaded
+            plan.host_bytes += grads
+        else:
+            alloc.add_bytes(grads, "grads")
         alloc.add_bytes(rounded(plan.compute.bytes_for(d["reduce_bucket_size"])), "comm_buffers")  # type: ignore[arg-type]
 
 
@@ -252,18 +256,31 @@ class ZeroHooks:
         if t is not None:
             alloc.release(t)
 
-    def _drop_grads(self, alloc: Allocator, group: list[Param]) -> None:
+    def _drop_grads(self, alloc: Allocator, group: list[Param], epilogue: bool = False) -> None:
         """Gradients copied into the reduce bucket and set to None (stage_1_and_2.py
-        `reduce_independent_p_g_buckets_and_remove_grads`, stage3.py `reduce_partition_and_remove_grads`)."""
+        `reduce_independent_p_g_buckets_and_remove_grads`, stage3.py `reduce_partition_and_remove_grads`).
+        Stage 1 does it in the backward epilogue only (`process_gradients` reduces in the hook only with
+        partition_gradients or overlap_comm; `reduce_gradients` then walks every parameter): until then
+        every full gradient is alive."""
         plan = self.plan
+        if plan.stage == 1 and not epilogue:
+            return
+        size = _defaults()["reduce_bucket_size"]
         for p in group:
             if p.trainable and p.grad is not None and p.grad.alive:
+                if self.in_bucket + p.numel > size and self.in_bucket:  # full: reduce it first
+                    self._reduce_bucket(alloc)
                 alloc.release(p.grad)
                 p.grad = None
                 self.in_bucket += p.numel
-        if self.in_bucket > _defaults()["reduce_bucket_size"]:  # the bucket is full: reduced into the partition
+
+    def _reduce_bucket(self, alloc: Allocator) -> None:
+        """Stage 1/2 `reduce_ipg_grads` -> `allreduce_bucket`: `self.flatten(bucket)` copies the bucket's
+        gradients (compute dtype) for the collective, then the rank's share lands in `grads_in_partition`."""
+        if self.plan.stage < 3 and self.in_bucket:
+            alloc.spike(rounded(self.plan.compute.bytes_for(self.in_bucket)))
             self._grad_partition(alloc)
-            self.in_bucket = 0
+        self.in_bucket = 0
 
     def _grad_partition(self, alloc: Allocator) -> None:
         """Stage 1/2 `grads_in_partition` (compute dtype, ceil(numel/N) of every trainable), allocated at the
@@ -323,7 +340,9 @@ class ZeroHooks:
         self._drop_grads(alloc, self.first)
         self._release(alloc, -1, self.bwd_pos.get(-1, self.fwd_pos[-1]))
         self.plan.zero_micro_batches += 1
-        self._grad_partition(alloc)  # the epilogue reduces what is left in the bucket (independent_gradient_partition_epilogue)
+        if self.plan.stage == 1:
+            self._drop_grads(alloc, self._all_trainable(), epilogue=True)
+        self._reduce_bucket(alloc)  # the epilogue reduces what is left in the bucket
         if self.plan.zero_bucket is not None:  # _release_ipg_buffers
             alloc.release(self.plan.zero_bucket)
             self.plan.zero_bucket = None

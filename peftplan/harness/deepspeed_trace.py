@@ -135,7 +135,7 @@ def _summary(tr: MemoryTracker) -> dict[str, Any]:
             live.append(rec)
     largest = [{"category": r.category(), "op": r.op, "module": r.module, "shape": list(r.shape),
                 "dtype": str(r.dtype).replace("torch.", ""), "bytes": r.nbytes, "phase": _phase_label(tr.phases[r.phase])}
-               for r in sorted(live, key=lambda r: -r.nbytes)[:12]]
+               for r in sorted(live, key=lambda r: -r.nbytes)[:40]]
     peak_rec, _, peak_ph = tr.events[peak_i]
     kind, step, mb = tr.phases[peak_ph]
     by_kind: dict[str, int] = {}
