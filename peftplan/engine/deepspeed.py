@@ -29,7 +29,10 @@ What the HF Trainer + DeepSpeed step holds, with its source:
   `is_complete_trace`), a module's parameters are not released if the same module comes back within
   `stage3_max_reuse_distance` (1e9) parameter elements of the order (`__params_to_release`): on a small
   model everything stays gathered; on llama3-70b (856M elements a layer, 1.05B in lm_head) only lm_head
-  between its forward and its backward. Gradients are produced whole, copied into the bucket, reduce-scattered into the partition
+  between its forward and its backward. The all-gather: one flat buffer per fetch (compute dtype), then a
+  torch.cat copy per parameter; prefetched modules (once the order is recorded, up to
+  `stage3_prefetch_bucket_size` elements ahead, starting from the top-level module's own, parameterless
+  fetch) share one flat buffer that lives until the last of them is fetched. Gradients are produced whole, copied into the bucket, reduce-scattered into the partition
   buffer and dropped. The step prepares each sub-group (`sub_group_size` 1e9 partition elements,
   `_create_fp16_sub_groups`) by `flatten(...).to(fp32)` (`_prepare_fp32_grad_for_sub_group`): compute-dtype
   flat + fp32 copy of the sub-group, released after its update.
@@ -174,9 +177,11 @@ class ZeroHooks:
         self.in_bucket = 0  # gradient elements copied into the reduce bucket since its last reduction
         # DeepSpeed's module order of one micro-batch, as (key, elements): forward, then backward (with
         # checkpointing each layer is fetched for its recomputation and again for its backward)
-        numel = {-1: sum(p.numel for p in self.first), -2: sum(p.numel for p in self.last)}
+        numel = {-3: 0, -1: sum(p.numel for p in self.first), -2: sum(p.numel for p in self.last)}
         numel.update({i: sum(p.numel for p in b) for i, b in enumerate(self.blocks)})
-        fwd = [-1, *range(len(self.blocks)), -2]
+        # -3: the top-level module, fetched first with no parameters of its own (recurse=False): with the
+        # order recorded, its fetch already prefetches what follows (`_fetch_sub_module_impl`)
+        fwd = [-3, -1, *range(len(self.blocks)), -2]
         twice = 2 if plan.training.grad_ckpt else 1
         bwd = [-2, *(i for i in reversed(range(len(self.blocks))) for _ in range(twice))]
         if any(p.trainable for p in self.first):
@@ -185,7 +190,7 @@ class ZeroHooks:
         self.fwd_pos = {k: n for n, k in enumerate(fwd)}
         self.bwd_pos = {k: len(fwd) + n for n, k in enumerate(bwd)}  # the last occurrence
         self.bwd_first = {k: len(fwd) + n for n, k in reversed(list(enumerate(bwd)))}
-        groups = {-1: self.first, -2: self.last, **dict(enumerate(self.blocks))}
+        groups = {-3: [], -1: self.first, -2: self.last, **dict(enumerate(self.blocks))}
         self.copies = {k: [rounded(plan.compute.bytes_for(p.numel)) for p in g if not persistent(plan, p.numel)]
                        for k, g in groups.items()}  # torch.cat per parameter: one allocation each
         self.gathered_numel = {k: sum(p.numel for p in g if not persistent(plan, p.numel)) for k, g in groups.items()}
@@ -296,6 +301,8 @@ class ZeroHooks:
 
     # -- the FSDPHooks interface --
     def forward_start(self, alloc: Allocator) -> None:
+        self._gather(alloc, -3, [], self.fwd_pos[-3])
+        self.state.available.pop(-3, None)
         self._gather(alloc, -1, self.first, self.fwd_pos[-1])
 
     def block_start(self, alloc: Allocator, tape: Tape, i: int) -> None:
