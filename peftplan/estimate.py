@@ -293,9 +293,11 @@ def _parallel(model: TunedModel, training: Training, gpu: GPU, mem: StepMemory,
                        f"{training.micro_batch}; tokens/s counts all ranks; step time = max(compute, "
                        "communication): collectives assumed to overlap compute")
     if training.shard.startswith("zero"):
-        assumptions.append("DeepSpeed ZeRO is modelled, not traced (no DeepSpeed launch on a CPU); weights keep "
-                           "the single-GPU dtypes (no separate bf16 module + fp32 master copy); reduce/prefetch "
-                           "buckets at DeepSpeed's defaults (data/interconnect.json)")
+        assumptions.append("DeepSpeed ZeRO as the HF Trainer runs it: module cast to the compute dtype (no autocast), "
+                           "fp32 master partition + optimizer states per rank, reduce bucket and stage-3 thresholds "
+                           "at DeepSpeed's defaults (data/interconnect.json); checked against a real DeepSpeed "
+                           "0.19 engine on 2 CPU ranks (harness/deepspeed_trace.py); stage-3 gathers per decoder "
+                           "layer, not per module")
     if training.shard.startswith("fsdp"):
         assumptions.append("FSDP2 fully_shard per decoder layer + root, MixedPrecisionPolicy(param_dtype=reduce_dtype="
                            "compute dtype) as accelerate sets it; per-rank peak checked against an FSDP2 trace "

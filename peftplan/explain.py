@@ -35,6 +35,10 @@ def explain_lines(est: Estimate) -> list[str]:
         f"+ backward-weight {est.compute.flops_backward_weight:.3e} + recompute {est.compute.flops_recompute:.3e} "
         f"= {est.compute.flops_per_step:.3e} (matmuls: 2·N·in·out each, N = B·T = {B * T})",
     ]
+    if t.shard.startswith("zero"):
+        lines.insert(4, f"DeepSpeed {t.shard}: the module in {t.compute_dtype.name} (weights, gradients per rank); the "
+                        f"fp32 master partition (4 B × trainable / {t.n_gpus}) counts as optimizer state: "
+                        f"{_g(c.get('optimizer_state', 0))} at the peak (engine/deepspeed.py)")
     if est.compute.step_time_s is not None:
         lines.append(f"step time = FLOPs / (peak {est.compute.matmul_dtype} FLOP/s × {est.compute.utilization}) "
                      f"= {est.compute.step_time_s:.3f} s")

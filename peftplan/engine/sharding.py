@@ -18,10 +18,9 @@
 - DDP (torch DistributedDataParallel, gradient_as_bucket_view=False, the HF Trainer default):
   gradient buckets hold a second copy of every trainable gradient, allocated at construction
   (bucket_cap_mb=25, torch/nn/parallel/distributed.py);
-- DeepSpeed ZeRO (not traceable here: no DeepSpeed on CPU): stage >= 1 shards optimizer state,
-  stage >= 2 gradients (plus a reduce bucket of `reduce_bucket_size` elements), stage 3 parameters
-  (plus a prefetch bucket of `stage3_prefetch_bucket_size` elements); data/interconnect.json holds
-  the defaults with their source.
+- DeepSpeed ZeRO-1/2/3: engine/deepspeed.py (pure half-precision module, fp32 master partitions, reduce
+  buckets, stage 3 gathers), checked against the real DeepSpeed engine (harness/deepspeed_trace.py);
+  data/interconnect.json holds the bucket defaults with their source.
 """
 
 from __future__ import annotations
@@ -32,9 +31,11 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..dtypes import DType
+from ..dtypes import FP32, DType
 from ..training import Training, TrainingError
+from . import deepspeed as zero
 from .autograd import Node, Param, Tape
+from .deepspeed import zero_view  # noqa: F401  (engine/step.py: the step DeepSpeed runs)
 from .sim import Allocator, Tensor, rounded
 
 FSDP = ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid")
@@ -74,6 +75,7 @@ class ShardPlan:
     fsdp: bool
     reshard: bool
     compute: DType
+    stage: int = 0  # DeepSpeed ZeRO stage (0: not DeepSpeed)
     host_bytes: int = 0
     sharded_grads: dict[int, Tensor] = field(default_factory=dict)
     flat_state: Tensor | None = None  # forward: last group's all-gather buffer (implicit prefetch)
@@ -82,6 +84,9 @@ class ShardPlan:
     unsharded: dict[int, list[Tensor]] = field(default_factory=dict)
     orig_dtype: dict[int, DType] = field(default_factory=dict)  # FSDP mixed: parameters seen as compute dtype
     rows: dict[int, int] = field(default_factory=dict)  # id(Param) -> dim 0 (absent: one-dimensional)
+    zero_gathered: dict[int, Any] = field(default_factory=dict)  # ZeRO-3: {0: deepspeed.GatherState}
+    zero_bucket: Tensor | None = None  # ZeRO-1/2: the reduce bucket of the running backward
+    zero_micro_batches: int = 0  # ZeRO-3: micro-batches run (DeepSpeed's module trace completes after the first)
 
     # ---- sizes ------------------------------------------------------------------------------------
     def local_numel(self, numel: int) -> int:
@@ -225,13 +230,15 @@ class ShardedAllocator(Allocator):
             self.add_bytes(nbytes, category)
             t.event = self.last_event
             return t
-        if category == "grads" and plan.fsdp:
+        if category == "grads" and (plan.fsdp or plan.stage):
             # unsharded gradient (the unpadded parameter's shape) in the reduce dtype until the group's
-            # reduce-scatter copies it into the padded flat buffer
+            # reduce-scatter (FSDP) / the reduce bucket copy (ZeRO, engine/deepspeed.py) takes it
             nbytes = rounded(plan.compute.bytes_for(numel)) * count
             t = Tensor(numel, dtype, "temporaries", requires_grad, nbytes, 1, True, label)
             self.add_bytes(nbytes, "temporaries")
             t.event = self.last_event
+            if plan.stage:
+                zero.on_gradient(self, plan)  # may allocate the reduce bucket: after this tensor's event
             return t
         if category == "grads" and plan.grads_sharded:
             nbytes = rounded(dtype.bytes_for(plan.local_numel(numel))) * count
@@ -251,6 +258,8 @@ def load_param(alloc: Allocator, p: Param, rows: int = 0) -> Tensor:
     if rows and rows != p.numel:
         plan.rows[id(p)] = rows
     nbytes = rounded(p.dtype.bytes_for(plan.local(p))) if plan.params_sharded else rounded(p.dtype.bytes_for(p.numel))
+    if zero.persistent(plan, p.numel):  # ZeRO-3 keeps small parameters gathered next to their partition
+        nbytes += rounded(p.dtype.bytes_for(p.numel))
     if plan.training.offload == "optimizer+params":
         plan.host_bytes += nbytes
         nbytes = 0
@@ -275,25 +284,25 @@ def plan_for(training: Training) -> ShardPlan | None:
         grads_sharded=s in ("zero2", "zero3") + FSDP,
         states_sharded=s != "ddp",
         fsdp=s in FSDP, reshard=s in ("fsdp-full", "fsdp-hybrid"),
-        compute=training.compute_dtype,
+        compute=training.compute_dtype, stage=zero.stage(training),
     )
     _ = ds
     return plan
 
 
-def persistent_buffers(alloc: ShardedAllocator, trainable_grad_bytes: int) -> None:
+def persistent_buffers(alloc: ShardedAllocator, trainables: list[Param]) -> None:
     """Buffers a framework allocates at setup and keeps (after the parameters are loaded)."""
     plan = alloc.plan
-    ds = interconnect()["deepspeed_defaults"]
-    s = plan.training.shard
-    if s == "ddp":
-        alloc.add_bytes(rounded(trainable_grad_bytes), "comm_buffers")  # type: ignore[arg-type]
-    elif s in ("zero1", "zero2", "zero3"):
-        # contiguous reduce bucket (reduce_bucket_size elements, gradient dtype = compute dtype)
-        alloc.add_bytes(rounded(plan.compute.bytes_for(int(ds["reduce_bucket_size"]["value"]))), "comm_buffers")  # type: ignore[arg-type]
-        if s == "zero3":
-            alloc.add_bytes(rounded(plan.compute.bytes_for(int(ds["stage3_prefetch_bucket_size"]["value"]))),
-                            "comm_buffers")  # type: ignore[arg-type]
+    if plan.training.shard == "ddp":
+        alloc.add_bytes(rounded(sum(rounded(p.dtype.bytes_for(p.numel)) for p in trainables)), "comm_buffers")  # type: ignore[arg-type]
+    elif plan.stage:
+        zero.setup_buffers(alloc, plan, trainables)
+
+
+def step_scratch(alloc: Allocator, trainables: list[Param]) -> int:
+    """Transient bytes of the sharded optimizer step beyond the optimizer's own (ZeRO: engine/deepspeed.py)."""
+    plan = getattr(alloc, "plan", None)
+    return zero.step_scratch(plan, trainables) if plan is not None and plan.stage else 0
 
 
 def marker(tape: Tape, on_backward) -> None:  # type: ignore[no-untyped-def]
@@ -356,8 +365,10 @@ class FSDPHooks:
         self.plan.finalize_backward(alloc)
 
 
-def hooks_for(alloc: Allocator, params) -> FSDPHooks | None:  # type: ignore[no-untyped-def]
+def hooks_for(alloc: Allocator, params) -> FSDPHooks | zero.ZeroHooks | None:  # type: ignore[no-untyped-def]
     plan = getattr(alloc, "plan", None)
+    if plan is not None and plan.stage:
+        return zero.ZeroHooks(plan, params)
     if plan is None or not plan.fsdp:
         return None
     return FSDPHooks(plan, params)
@@ -365,7 +376,8 @@ def hooks_for(alloc: Allocator, params) -> FSDPHooks | None:  # type: ignore[no-
 
 def optimizer_costs(plan: ShardPlan, trainables: list[Param], shapes: dict[int, tuple[int, int]]) -> list:  # type: ignore[type-arg]
     """Per-rank optimizer cost of each trainable tensor: states of the rank's 1/N shard (ZeRO >= 1, FSDP),
-    none on the GPU when offloaded (DeepSpeed's CPU Adam / FSDP CPUOffload step on the host)."""
+    none on the GPU when offloaded (DeepSpeed's CPU Adam / FSDP CPUOffload step on the host). ZeRO's
+    optimizer steps the fp32 master partition: its states are fp32 whatever the module's dtype."""
     from dataclasses import replace
 
     from .optimizers import tensor_cost
@@ -377,7 +389,7 @@ def optimizer_costs(plan: ShardPlan, trainables: list[Param], shapes: dict[int, 
         if plan.states_sharded:
             numel = plan.local(p) if plan.params_sharded else plan.local_numel(p.numel)
             shape = (-(-shape[0] // plan.n), shape[1]) if shape is not None else None
-        c = tensor_cost(t.optimizer, t.optimizer_impl, numel, p.dtype, shape)
+        c = tensor_cost(t.optimizer, t.optimizer_impl, numel, FP32 if plan.stage else p.dtype, shape)
         if t.offload != "none":
             plan.host_bytes += c.state_bytes
             c = replace(c, state_bytes=0, scratch_bytes=0, parts=(), loop_parts=(), leftover_bytes=0)

@@ -324,6 +324,7 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
 
     With `flop_counter`, the first micro-batch's forward and backward are also counted into it
     (the same ops `engine.flops.micro_batch_flops` counts), so an estimate runs the tape once less."""
+    model, training = sharding.zero_view(model, training)  # DeepSpeed: pure half-precision module
     plan = sharding.plan_for(training)  # None on one GPU
     alloc = Allocator() if plan is None else sharding.ShardedAllocator(plan)
     alloc.set_phase("load")
@@ -331,7 +332,7 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
     weights = alloc.total - quant_bytes
     trainable_bytes = alloc.by_category["trainable_params"]
     if plan is not None:
-        sharding.persistent_buffers(alloc, sum(rounded(p.dtype.bytes_for(p.numel)) for p in trainables))
+        sharding.persistent_buffers(alloc, trainables)
     grad_ckpt = training.grad_ckpt or model.forces_grad_ckpt
     micro_steps = min(training.grad_accum, 2)
     state_bytes = paged = 0
@@ -353,6 +354,7 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
     else:
         step_scratch = 0 if training.optimizer.startswith("adamw") or training.optimizer.startswith("paged") \
             else max((c.scratch_bytes for c in costs), default=0)
+    step_scratch += sharding.step_scratch(alloc, trainables)
     states_alive = False
     grad_bytes = 0
     for step in (1, 2):
