@@ -184,9 +184,12 @@ def _trl_backward(tape: Tape, node: Node, h: Tensor, head: Param, head_t: Tensor
     grad_hidden = alloc.new(N * H, FP32, "temporaries") if h.requires_grad else None
     grad_weight = None
     if head.trainable:
-        if head.dtype == FP32:
+        accumulating = head.grad is not None and head.grad.alive  # a later micro-batch of grad accumulation
+        if head.dtype == FP32 and not accumulating:
             tape._grad_for(head_t)  # the fp32 accumulator is the parameter's gradient (AccumulateGrad steals it)
         else:
+            # a 16-bit head, or an existing .grad: the fp32 accumulator lives through the whole backward and
+            # is converted / added in place (accumulate_grad.h `variable_grad += new_grad`) only at its end
             grad_weight = alloc.new(V * H, FP32, "temporaries")
     mm_buf = alloc.new(min(N, TRL_TOKEN_TILE) * TRL_VOCAB_TILE, cd, "loss_logits", label="mm_buf")
     hd = node.saved[1].dtype
@@ -209,8 +212,12 @@ def _trl_backward(tape: Tape, node: Node, h: Tensor, head: Param, head_t: Tensor
         else:
             g_hid = grad_hidden
     if grad_weight is not None:
-        tape._grad_for(head_t)
-        alloc.release(grad_weight)
+        if head.dtype == FP32:  # no conversion: the accumulator itself is added into .grad, then freed
+            alloc.release(grad_weight)
+            tape._grad_for(head_t)
+        else:
+            tape._grad_for(head_t)
+            alloc.release(grad_weight)
     for t in (mm_buf, chunk, w_chunk, g_lp):
         alloc.release(t)
     for t in node.saved[1:]:  # hid, targets, log_z, entropy: released after the Function's backward
