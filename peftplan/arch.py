@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
-Family = Literal["llama", "gemma2", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
+Family = Literal["llama", "gemma2", "gemma3", "olmo2", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
 Task = Literal["causal-lm", "seq2seq-lm", "masked-lm"]
 StackKind = Literal["decoder", "encoder", "cross-decoder"]
 
@@ -72,6 +72,8 @@ class Block:
     linears: tuple[Linear, ...]
     norms: tuple[Norm, ...]
     extra_params: tuple[tuple[str, int], ...] = ()  # (name, numel)
+    sliding_window: int | None = None  # this layer attends to the last `sliding_window` keys (None: global)
+    rope: bool = True  # False on SmolLM3's NoPE layers
 
     @property
     def numel(self) -> int:
@@ -120,6 +122,11 @@ class ModelArch:
     sliding_window: int | None = None
     # Modules transformers keeps in fp32 whatever the load dtype (`_keep_in_fp32_modules`; T5's "wo").
     keep_in_fp32: tuple[str, ...] = ()
+    # q/k RMSNorms (arch_modern.py): "head" over head_dim per head (qwen3, gemma3), "proj" over the whole
+    # projection (olmo2), "" none
+    qk_norm: str = ""
+    embed_scale: bool = False  # gemma3: embeddings multiplied by sqrt(hidden_size) inside the embedding module
+    final_logit_softcap: float | None = None  # gemma3 final_logit_softcapping: cap * tanh(logits / cap)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- counts -------------------------------------------------------------------------
@@ -442,6 +449,15 @@ BUILDERS: dict[str, Callable[[str, Mapping[str, Any]], ModelArch]] = {
     "bert": _bert,
     "roberta": _bert,
 }
+
+
+def _register_modern() -> None:
+    from .arch_modern import BUILDERS as MODERN
+
+    BUILDERS.update(MODERN)
+
+
+_register_modern()
 
 
 def from_hf_config(cfg: Mapping[str, Any], name: str = "model") -> ModelArch:

@@ -20,6 +20,10 @@ from .autograd import Param
 from . import ops
 from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, promote, scale
 from .sim import Tensor
+from .program_modern import modern_block_forward, softcap_logits
+from ..arch_modern import BUILDERS as _MODERN_BUILDERS
+
+MODERN_TYPES = frozenset(_MODERN_BUILDERS)
 
 
 @dataclass(eq=False)
@@ -66,7 +70,7 @@ def _dropout(ctx: Ctx, x: Tensor, p: float) -> Tensor:
 def hidden_dropout(arch: ModelArch) -> float:
     """The residual-stream dropout probability (gpt2 resid_pdrop, bert hidden_dropout_prob, t5
     dropout_rate, opt dropout); Llama-like families have none in training."""
-    if arch.family in ("llama", "gemma2", "phi3"):
+    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "phi3"):
         return 0.0
     return float(arch.config.get("resid_pdrop", arch.config.get("hidden_dropout_prob",
                  arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)
@@ -489,7 +493,10 @@ def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: 
     """One decoder/encoder layer. Consumes the caller's reference to `h`; returns the new hidden state."""
     c = ops.COUNTER[0]
     before = c.forward if c is not None else 0
-    out = _block_forward(ctx, arch, training, h, bp, cos, kv_tokens, encoder_out)
+    if arch.model_type in MODERN_TYPES:  # qwen3 / gemma3_text / olmo2 / smollm3 (program_modern.py)
+        out = modern_block_forward(ctx, arch, training, h, bp, cos, kv_tokens)
+    else:
+        out = _block_forward(ctx, arch, training, h, bp, cos, kv_tokens, encoder_out)
     if c is not None:
         c.block_forward += c.forward - before  # what gradient checkpointing runs again in backward
     return out
@@ -652,6 +659,8 @@ def loss_forward(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, vocab: int, 
     """lm_head, fp32 upcast of the logits, cross-entropy (log_softmax saves its fp32 output)."""
     tape = ctx.tape
     logits = linear(ctx, h, head, None, vocab)
+    if arch.final_logit_softcap:
+        logits = softcap_logits(ctx, logits, arch.final_logit_softcap)  # gemma3 (program_modern.py)
     logits32 = cast(ctx, logits, FP32)
     tape.drop(logits)  # Trainer.compute_loss keeps only the loss: the half logits die here
     if logits32.category != "saved_activations":

@@ -30,7 +30,22 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 1000, "n_embd": 128, "n_head": 4, "n_layer": 2, "n_positions": 256}
-TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2}
+# The 2025 dense families (arch_modern.py) at small width: q/k norms, gemma3's sliding/global layers with a
+# sequence past the window (materialised sliding mask), olmo2's post-norms, smollm3's NoPE fourth layer
+TINY_MODERN = {
+    "tiny-qwen3": {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 512, "num_hidden_layers": 2},
+    "tiny-gemma3": {"model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                    "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
+    "tiny-olmo2": {"model_type": "olmo2", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                   "num_key_value_heads": 4, "intermediate_size": 512, "num_hidden_layers": 2, "pad_token_id": 0,
+                   "eos_token_id": 1},
+    "tiny-smollm3": {"model_type": "smollm3", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "intermediate_size": 512, "num_hidden_layers": 4, "pad_token_id": 0,
+                     "bos_token_id": 1, "eos_token_id": 2},
+}
+TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2, **TINY_MODERN}
 NO_CKPT = {"prefix"}  # peft refuses prefix tuning with gradient checkpointing
 NEEDS_BIAS = {"bitfit"}  # llama-family linears have no biases
 
@@ -82,6 +97,10 @@ def _tiny_entries() -> list[MatrixEntry]:
     out.append(MatrixEntry("tiny-llama", "qlora", {"micro_batch": 2, "seq_len": 64}, {"kbit_prep": False}))
     out.append(MatrixEntry("tiny-llama", "lora", {"micro_batch": 2, "seq_len": 64, "precision": "fp32"}))
     out.append(MatrixEntry("tiny-llama", "full", {"micro_batch": 2, "seq_len": 64, "optimizer_impl": "foreach"}))
+    for model in TINY_MODERN:
+        for method, ckpt in (("full", False), ("lora", False), ("lora", True)):
+            out.append(MatrixEntry(model, method, {"micro_batch": 2, "seq_len": 64, "grad_ckpt": ckpt},
+                                   {"targets": "all-linear"} if method == "lora" else {}))
     return out
 
 
