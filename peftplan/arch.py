@@ -12,7 +12,10 @@ hd head dim, F MLP intermediate size, L layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+
+if TYPE_CHECKING:
+    from .arch_moe import MoE  # noqa: F401
 
 Family = Literal["llama", "gemma2", "gemma3", "olmo2", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
 Task = Literal["causal-lm", "seq2seq-lm", "masked-lm"]
@@ -74,6 +77,7 @@ class Block:
     extra_params: tuple[tuple[str, int], ...] = ()  # (name, numel)
     sliding_window: int | None = None  # this layer attends to the last `sliding_window` keys (None: global)
     rope: bool = True  # False on SmolLM3's NoPE layers
+    moe: MoE | None = None  # a sparse MoE MLP (its parameters are in extra_params)
 
     @property
     def numel(self) -> int:
@@ -159,6 +163,12 @@ class ModelArch:
             + sum(n for _, n in self.head_extra)
             + self.lm_head_numel
         )
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: total minus the experts it is not routed to (top_k of num_experts)."""
+        return self.total_params - sum((b.moe.num_experts - b.moe.top_k) * b.moe.expert_numel
+                                       for b in self.blocks if b.moe is not None)
 
     def all_linear_names(self) -> tuple[str, ...]:
         """Distinct block linear names, in module order (peft's 'all-linear' excludes the output head)."""
@@ -453,8 +463,10 @@ BUILDERS: dict[str, Callable[[str, Mapping[str, Any]], ModelArch]] = {
 
 def _register_modern() -> None:
     from .arch_modern import BUILDERS as MODERN
+    from .arch_moe import BUILDERS as MOE
 
     BUILDERS.update(MODERN)
+    BUILDERS.update(MOE)
 
 
 _register_modern()

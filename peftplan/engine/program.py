@@ -10,7 +10,7 @@ MatMul4Bit (dequantizes the weight in forward and again in backward, saves no ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..arch import ModelArch
 from ..dtypes import BOOL, FP32, INT64, DType
@@ -22,8 +22,9 @@ from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, promote
 from .sim import Tensor
 from .program_modern import modern_block_forward, softcap_logits
 from ..arch_modern import BUILDERS as _MODERN_BUILDERS
+from ..arch_moe import BUILDERS as _MOE_BUILDERS
 
-MODERN_TYPES = frozenset(_MODERN_BUILDERS)
+MODERN_TYPES = frozenset(_MODERN_BUILDERS) | frozenset(_MOE_BUILDERS)
 
 
 @dataclass(eq=False)
@@ -43,6 +44,8 @@ class BlockParams:
     linears: list[LinearParams]
     norms: list[Param]
     adapters: list[tuple[BottleneckAdapter, Param, Param]]  # (spec, down weight+bias, up weight+bias)
+    extras: list[Param] = field(default_factory=list)  # block.extra_params, in order (MoE router/experts)
+    expert_lora: dict[str, tuple[Param, Param]] = field(default_factory=dict)  # MoE parameter -> (lora_A, lora_B)
 
 
 @dataclass(eq=False)

@@ -117,14 +117,20 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
     residual = h
     pre = "pre_feedforward_layernorm" if style == "gemma" else "post_attention_layernorm" if style == "llama" else ""
     x = rmsnorm(ctx, h, norms[pre], n, style) if pre else tape.alloc.retain(h)
-    gate = tuned_linear(ctx, x, lps["gate"])
-    up = tuned_linear(ctx, x, lps["up"])
-    act = elementwise(ctx, "act", gate)  # silu / gelu_pytorch_tanh save their input
-    tape.drop(gate)
-    prod = mul(ctx, act, up)
-    tape.drop(act, up)
-    m = tuned_linear(ctx, prod, lps["down"])
-    tape.drop(prod)
+    if block.moe is not None:
+        from .program_moe import moe_forward
+
+        m = moe_forward(ctx, x, block.moe, bp.extras, bp.expert_lora,  # mixtral / qwen3_moe sparse MLP
+                        dict(bp.tuned.expert_lora))
+    else:
+        gate = tuned_linear(ctx, x, lps["gate"])
+        up = tuned_linear(ctx, x, lps["up"])
+        act = elementwise(ctx, "act", gate)  # silu / gelu_pytorch_tanh save their input
+        tape.drop(gate)
+        prod = mul(ctx, act, up)
+        tape.drop(act, up)
+        m = tuned_linear(ctx, prod, lps["down"])
+        tape.drop(prod)
     for spec, down, upw in [s for s in bp.adapters if s[0].placement == "parallel-mlp"]:
         from .program import _adapter
 

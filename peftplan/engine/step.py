@@ -102,14 +102,21 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             if n.bias:
                 param(n.dim, tb.norm_dtype, tb.norms_trainable or tb.norm_bias_trainable)
                 norms[-1].bias_trainable = tb.norms_trainable or tb.norm_bias_trainable
-        for _, numel in tb.block.extra_params:
-            param(numel, tb.norm_dtype, tb.norms_trainable)
+        extras = [param(numel, tb.norm_dtype, tb.norms_trainable) for _, numel in tb.block.extra_params]
+        expert_lora: dict[str, tuple[Param, Param]] = {}
+        for pname, rank in tb.expert_lora:  # peft ParamWrapper on MoE parameters (methods/moe_lora.py)
+            from ..methods.moe_lora import wrapped_shape
+
+            experts, in_f, out_f = wrapped_shape(tb.block, pname)
+            dt = tb.expert_lora_dtype or FP32
+            expert_lora[pname] = (param(rank * experts * in_f, dt, True, rank * experts),
+                                  param(out_f * rank * experts, dt, True, out_f))
         adapters = []
         for spec in tb.adapters:
             down = param(spec.dim * spec.size + spec.size, spec.dtype, True, spec.size)  # weight + bias
             up = param(spec.size * spec.dim + spec.dim, spec.dtype, True, spec.dim)
             adapters.append((spec, down, up))
-        blocks.append(BlockParams(tb, lps, norms, adapters))
+        blocks.append(BlockParams(tb, lps, norms, adapters, extras, expert_lora))
     final_norms = []
     for n in arch.final_norms:
         final_norms.append(param(n.dim, model.final_norm_dtype, model.final_norms_trainable))
@@ -333,7 +340,7 @@ def _all_params(params: ModelParams) -> list[Param]:
     for bp in params.blocks:
         for lp in bp.linears:
             out += [p for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3) if p is not None]
-        out += bp.norms
+        out += bp.norms + bp.extras + [p for ab in bp.expert_lora.values() for p in ab]
         for _, d, u in bp.adapters:
             out += [d, u]
     return out

@@ -492,9 +492,20 @@ def _peft_config(model: nn.Module, tuned: TunedModel, options: Any):
     if m in ("lora", "dora", "qlora"):
         targets = _linear_paths(model, tuned, lambda t: t.lora_rank > 0)
         first = next(t for tb in tuned.blocks for t in tb.linears if t.lora_rank)
-        return peft.LoraConfig(r=first.lora_rank, lora_alpha=getattr(options, "alpha", first.lora_rank),
+        alpha = getattr(options, "alpha", first.lora_rank)
+        extra: dict[str, Any] = {}
+        expert = next((tb.expert_lora for tb in tuned.blocks if tb.expert_lora), ())
+        if expert:
+            # what peft's utils/transformers_weight_conversion.py `_convert_peft_config_moe` makes of the v4
+            # names (methods/moe_lora.py): target_parameters, gate_up_proj at twice the rank and alpha
+            extra["target_parameters"] = [name.removeprefix("experts.") for name, _ in expert]
+            fused = [rank for name, rank in expert if name == "experts.gate_up_proj"]
+            if fused:
+                extra["rank_pattern"] = {r".*\.gate_up_proj": fused[0]}
+                extra["alpha_pattern"] = {r".*\.gate_up_proj": alpha * fused[0] // first.lora_rank}
+        return peft.LoraConfig(r=first.lora_rank, lora_alpha=alpha,
                                lora_dropout=first.lora_dropout, target_modules=targets, task_type=task,
-                               use_dora=first.dora, bias="none")
+                               use_dora=first.dora, bias="none", **extra)
     if m == "ia3":
         targets = _linear_paths(model, tuned, lambda t: t.ia3 is not None)
         ff = _linear_paths(model, tuned, lambda t: t.ia3 == "in")

@@ -45,7 +45,19 @@ TINY_MODERN = {
                      "num_key_value_heads": 2, "intermediate_size": 512, "num_hidden_layers": 4, "pad_token_id": 0,
                      "bos_token_id": 1, "eos_token_id": 2},
 }
-TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2, **TINY_MODERN}
+# MoE (arch_moe.py): fused experts through grouped_mm; LoRA all-linear reaches them through peft's
+# target_parameters (ParamWrapper). Full fine-tuning runs in bf16: fp32 experts do not trace (grouped_mm's meta
+# kernel takes bf16 only).
+TINY_MOE = {
+    "tiny-mixtral": {"model_type": "mixtral", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "intermediate_size": 512, "num_hidden_layers": 2,
+                     "num_local_experts": 4, "num_experts_per_tok": 2},
+    "tiny-qwen3moe": {"model_type": "qwen3_moe", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512,
+                      "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_experts": 8,
+                      "num_experts_per_tok": 2, "norm_topk_prob": True},
+}
+TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2, **TINY_MODERN, **TINY_MOE}
 NO_CKPT = {"prefix"}  # peft refuses prefix tuning with gradient checkpointing
 NEEDS_BIAS = {"bitfit"}  # llama-family linears have no biases
 
@@ -101,6 +113,14 @@ def _tiny_entries() -> list[MatrixEntry]:
         for method, ckpt in (("full", False), ("lora", False), ("lora", True)):
             out.append(MatrixEntry(model, method, {"micro_batch": 2, "seq_len": 64, "grad_ckpt": ckpt},
                                    {"targets": "all-linear"} if method == "lora" else {}))
+    for model in TINY_MOE:
+        for method, training, options in (
+                ("lora", {"grad_ckpt": False}, {"targets": "all-linear"}),
+                ("lora", {"grad_ckpt": True}, {"targets": "all-linear"}),
+                ("lora", {"grad_ckpt": False}, {"targets": "q_proj,v_proj"}),
+                ("qlora", {"grad_ckpt": False}, {"targets": "all-linear", "kbit_prep": False}),
+                ("full", {"grad_ckpt": False, "precision": "bf16"}, {})):
+            out.append(MatrixEntry(model, method, {"micro_batch": 2, "seq_len": 64, **training}, options))
     return out
 
 
