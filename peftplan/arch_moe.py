@@ -35,8 +35,10 @@ class MoE:
     top_k: int
     hidden: int
     ffn: int  # expert intermediate size F
-    bias: bool = False  # expert and router biases
+    bias: bool = False  # expert and router biases (gpt_oss)
     norm_topk: bool = True  # renormalise the top-k probabilities (mixtral always; qwen3_moe norm_topk_prob)
+    router: str = "gate"  # the router module's name (gpt_oss: "router")
+    transposed: bool = False  # gpt_oss stores gate_up_proj as E x D x 2F and down_proj as E x F x D
 
     @property
     def expert_numel(self) -> int:
@@ -46,9 +48,9 @@ class MoE:
     def params(self, prefix: str = "mlp.") -> tuple[tuple[str, int], ...]:
         """(name, numel) of the router and the fused expert tensors, in module order (gate, then experts)."""
         E, D, F = self.num_experts, self.hidden, self.ffn
-        out = [(f"{prefix}gate.weight", E * D)]
+        out = [(f"{prefix}{self.router}.weight", E * D)]
         if self.bias:
-            out.append((f"{prefix}gate.bias", E))
+            out.append((f"{prefix}{self.router}.bias", E))
         out += [(f"{prefix}experts.gate_up_proj", E * 2 * F * D), (f"{prefix}experts.down_proj", E * D * F)]
         if self.bias:
             out += [(f"{prefix}experts.gate_up_proj_bias", E * 2 * F), (f"{prefix}experts.down_proj_bias", E * D)]
@@ -103,4 +105,22 @@ def qwen3_moe(name: str, cfg: Mapping[str, Any]) -> ModelArch:
     return _model(name, cfg, "llama", tuple(blocks), f, V, D, H, K, hd, F, False, qk_norm="head")
 
 
-BUILDERS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
+def gpt_oss(name: str, cfg: Mapping[str, Any]) -> ModelArch:
+    """gpt-oss (modeling_gpt_oss.py): biased q/k/v/o, a learned attention sink per head (`self_attn.sinks`),
+    layers alternating sliding-window (128) and global attention (`layer_types`, default even layers
+    sliding), every MLP a GptOssMLP: router with bias, top-k on the logits then softmax over the k values,
+    experts with biases and the clamped SwiGLU (`_apply_gate`). Published checkpoints hold the experts in
+    MXFP4 (`quantization_config.quant_method = "mxfp4"`); training dequantizes them to bf16
+    (Mxfp4Config(dequantize=True), the only way to get gradients through them), which is what is modelled."""
+    f, V, D, H, K, L, F, hd = _dims(name, {**cfg, "head_dim": cfg.get("head_dim", 64)})
+    E, k = _experts(name, cfg, "num_local_experts")
+    moe = MoE("gpt_oss", E, k, D, F, bias=True, norm_topk=False, router="router", transposed=True)
+    norms = (Norm("input_layernorm", D, False), Norm("post_attention_layernorm", D, False))
+    attn = attention_linears(D, H, K, hd, bool(f.opt("attention_bias", True)))
+    kinds = layer_types(name, cfg, L, ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)])
+    blocks = tuple(Block("decoder", attn, norms, (("self_attn.sinks", H),) + moe.params(), moe=moe,
+                         sliding_window=window_for(name, {"sliding_window": 128, **cfg}, kind)) for kind in kinds)
+    return _model(name, cfg, "gpt_oss", blocks, f, V, D, H, K, hd, F, False)
+
+
+BUILDERS = {"mixtral": mixtral, "qwen3_moe": qwen3_moe, "gpt_oss": gpt_oss}

@@ -191,6 +191,10 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     assumptions += moe_notes(model)  # MoE models: experts, router, what LoRA/QLoRA reach (arch_moe.py)
     if model.forces_grad_ckpt and not training.grad_ckpt:
         effective = training.with_(grad_ckpt=True)
+    if arch.model_type == "gpt_oss" and training.attention != "eager":
+        # modeling_gpt_oss.py GptOssPreTrainedModel: _supports_sdpa = False (attention sinks): transformers runs eager
+        effective = effective.with_(attention="eager")
+        assumptions.append("gpt-oss has no SDPA path (attention sinks): transformers runs eager attention, modelled here")
     if training.attention == "flash":
         assumptions.append("flash attention memory modelled as SDPA's flash kernel (saves q, k, v, out, logsumexp)")
     counted = FlopCount()

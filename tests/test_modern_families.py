@@ -22,7 +22,7 @@ from peftplan.training import Training  # noqa: E402
 
 ADDED = ["qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b", "gemma3-1b", "gemma3-4b",
          "gemma3-12b", "gemma3-27b", "olmo2-7b", "smollm3-3b", "phi4", "mistral-nemo-12b", "llama3.1-70b",
-         "llama3.3-70b", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-8b", "mixtral-8x7b", "qwen3-30b-a3b"]
+         "llama3.3-70b", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-llama-8b", "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "gpt-oss-120b"]
 
 
 def _hf_model(arch):

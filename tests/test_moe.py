@@ -64,6 +64,16 @@ def test_default_targets_fail_like_peft(family):
         build_tuned(arch, "lora", {}, Training(micro_batch=1, seq_len=8))
 
 
+def test_gpt_oss_is_eager_and_dequantized():
+    arch = load_model("gpt-oss-20b")
+    assert round(arch.total_params / 1e9, 1) == 20.9
+    # OpenAI's 3.6B active excludes the 0.58B input embedding (a lookup); peftplan's active count keeps it
+    assert round((arch.active_params - arch.embedding_numel) / 1e9, 2) == 3.61
+    e = estimate(arch, "lora", Training(micro_batch=1, seq_len=1024), load_gpu("h100"), {"targets": "all-linear"})
+    assert e.training.attention == "eager" and any("eager" in a for a in e.assumptions)
+    assert any("MXFP4" in a for a in e.assumptions)
+
+
 def test_catalog_active_params():
     mixtral, qwen = load_model("mixtral-8x7b"), load_model("qwen3-30b-a3b")
     assert round(mixtral.total_params / 1e9, 1) == 46.7 and round(mixtral.active_params / 1e9, 1) == 12.9
@@ -79,7 +89,7 @@ def test_qlora_leaves_experts_unquantized_and_says_so():
     assert e.memory.weights_bytes > 100 * 2**30 and not e.fits
 
 
-REDUCED = {"mixtral": ("mixtral-8x7b", 1), "qwen3_moe": ("qwen3-30b-a3b", 2)}
+REDUCED = {"mixtral": ("mixtral-8x7b", 1), "qwen3_moe": ("qwen3-30b-a3b", 2), "gpt_oss": ("gpt-oss-20b", 2)}
 CASES = [
     ("lora", {"rank": 16, "targets": "all-linear"}, {}),  # ParamWrapper on router and fused experts
     ("lora", {"rank": 16, "targets": "all-linear"}, {"grad_ckpt": True}),
@@ -95,8 +105,12 @@ def test_engine_matches_trace_at_real_width(family, method, options, extra):
     from peftplan.harness.trace import trace
 
     name, layers = REDUCED[family]
-    arch = from_hf_config({**load_model(name).config, "num_hidden_layers": layers}, f"{name}-L{layers}")
-    training = Training(micro_batch=1, seq_len=128, **extra)
+    cfg = {**load_model(name).config, "num_hidden_layers": layers}
+    if "layer_types" in cfg:  # gpt-oss: one sliding-window and one global layer
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    arch = from_hf_config(cfg, f"{name}-L{layers}")
+    # gpt-oss: past its 128-token window, so the sliding layer's mask differs from the global one
+    training = Training(micro_batch=1, seq_len=256 if family == "gpt_oss" else 128, **extra)
     e = estimate(arch, method, training, load_gpu("h200"), options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

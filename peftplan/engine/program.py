@@ -73,7 +73,7 @@ def _dropout(ctx: Ctx, x: Tensor, p: float) -> Tensor:
 def hidden_dropout(arch: ModelArch) -> float:
     """The residual-stream dropout probability (gpt2 resid_pdrop, bert hidden_dropout_prob, t5
     dropout_rate, opt dropout); Llama-like families have none in training."""
-    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "phi3"):
+    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3"):
         return 0.0
     return float(arch.config.get("resid_pdrop", arch.config.get("hidden_dropout_prob",
                  arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)

@@ -61,7 +61,8 @@ def rmsnorm(ctx: Ctx, h: Tensor, w: Param, rows: int, style: str) -> Tensor:
 
 
 def norm_style(arch: ModelArch) -> str:
-    return {"gemma3": "gemma", "olmo2": "olmo2"}.get(arch.family, "llama")
+    # GptOssRMSNorm is OLMo 2's `(weight * x).to(input_dtype)`
+    return {"gemma3": "gemma", "olmo2": "olmo2", "gpt_oss": "olmo2"}.get(arch.family, "llama")
 
 
 def sliding_masked(arch: ModelArch, training: Training, window: int | None, kv_tokens: int) -> bool:
@@ -103,24 +104,32 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
         qr, kr = _rope(ctx, q, cos), _rope(ctx, k, cos)
         tape.drop(q, k)
         q, k = qr, kr
-    masked = sliding_masked(arch, training, block.sliding_window, kv_tokens)
-    a = _attention(ctx, arch, training, q, k, v, kv_tokens, True, masked=masked)
+    extras = {name: p for (name, _), p in zip(block.extra_params, bp.extras)}
+    if arch.family == "gpt_oss":
+        from .program_gptoss import sink_attention
+
+        a = sink_attention(ctx, arch, training, q, k, v, kv_tokens, extras["self_attn.sinks"])
+    else:
+        masked = sliding_masked(arch, training, block.sliding_window, kv_tokens)
+        a = _attention(ctx, arch, training, q, k, v, kv_tokens, True, masked=masked)
     tape.drop(q, k, v)
     o = tuned_linear(ctx, a, lps["o"])
     tape.drop(a)
     o = _with_adapters(ctx, "after-attn", o, bp)
-    if "post_attention_layernorm" in norms and style != "llama":  # gemma3 / olmo2: a norm on the branch
+    sandwich = "pre_feedforward_layernorm" in norms  # gemma3: norms before and after each sub-layer
+    post_only = "input_layernorm" not in norms  # olmo2: norms after each sub-layer only
+    if sandwich or post_only:
         o = norm(o, "post_attention_layernorm")
     h = add(ctx, residual, o)
     tape.drop(residual, o)
     # ---- MLP ----
     residual = h
-    pre = "pre_feedforward_layernorm" if style == "gemma" else "post_attention_layernorm" if style == "llama" else ""
+    pre = "pre_feedforward_layernorm" if sandwich else "" if post_only else "post_attention_layernorm"
     x = rmsnorm(ctx, h, norms[pre], n, style) if pre else tape.alloc.retain(h)
     if block.moe is not None:
         from .program_moe import moe_forward
 
-        m = moe_forward(ctx, x, block.moe, bp.extras, bp.expert_lora,  # mixtral / qwen3_moe sparse MLP
+        m = moe_forward(ctx, x, block.moe, extras, bp.expert_lora,  # mixtral / qwen3_moe / gpt_oss sparse MLP
                         dict(bp.tuned.expert_lora))
     else:
         gate = tuned_linear(ctx, x, lps["gate"])

@@ -79,6 +79,16 @@ def _grouped_mm(ctx: Ctx, x: Tensor, w: Tensor, offs: Tensor, rows: int, in_feat
     return out
 
 
+def _gather_bias(ctx: Ctx, bias: Param | None, ids: Tensor, rows: int, width: int) -> Tensor | None:
+    """`bias[expert_ids_g]`: S x width rows of the expert bias (IndexBackward0 saves the indices)."""
+    if bias is None:
+        return None
+    tape = ctx.tape
+    out = tape.new(rows * width, bias.dtype, bias.trainable, "expert_bias_gather")
+    tape.record("index", [tape.param_tensor(bias)], [out], [ids])
+    return out
+
+
 def _router_linear(ctx: Ctx, x: Tensor, w: Tensor, out_features: int) -> Tensor:
     """`F.linear(hidden_states, self.weight)` under autocast, for a wrapped (non-leaf) router weight."""
     tape = ctx.tape
@@ -91,24 +101,11 @@ def _router_linear(ctx: Ctx, x: Tensor, w: Tensor, out_features: int) -> Tensor:
     return out
 
 
-def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: list[Param],
-                lora: dict[str, tuple[Param, Param]] | None = None, ranks: dict[str, int] | None = None) -> Tensor:
-    """One sparse MoE MLP on the normed hidden states x (N x D); returns N x D in x's dtype.
-    `lora`/`ranks`: peft ParamWrapper adapters on "gate.weight" / "experts.gate_up_proj" /
-    "experts.down_proj" (methods/moe_lora.py)."""
+def _softmax_router(ctx: Ctx, logits: Tensor, moe: MoE) -> tuple[Tensor, Tensor]:
+    """Mixtral / Qwen3-MoE: softmax over all experts in fp32, top-k, optional renormalisation."""
     tape = ctx.tape
-    N, E, k, D, F = ctx.tokens, moe.num_experts, moe.top_k, moe.hidden, moe.ffn
-    S = N * k
-    lora, ranks = lora or {}, ranks or {}
-    by_name = dict(zip((n.removeprefix("mlp.") for n, _ in moe.params()), params))
-    router, gate_up, down = by_name["gate.weight"], by_name["experts.gate_up_proj"], by_name["experts.down_proj"]
-    # ---- router ----
-    if "gate.weight" in lora:
-        wr = adapted_weight(ctx, router, lora["gate.weight"], ranks["gate.weight"], 1)
-        logits = _router_linear(ctx, x, wr, E)
-        tape.drop(wr)
-    else:
-        logits = linear(ctx, x, router, None, E)  # F.linear under autocast: N x E in the compute dtype
+    N, E, k = ctx.tokens, moe.num_experts, moe.top_k
+    x_dtype = logits.dtype
     if moe.kind == "mixtral":
         l32 = cast(ctx, logits, FP32)  # router_logits.float()
     else:
@@ -129,8 +126,35 @@ def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: list[Param],
         tape.record("div_", [top, total], [renorm], [original, total])
         tape.drop(original, total, top)
         top = renorm
-    scores = cast(ctx, top, ctx.autocast or x.dtype) if moe.kind == "qwen3_moe" else tape.alloc.retain(top)
+    scores = cast(ctx, top, ctx.autocast or x_dtype) if moe.kind == "qwen3_moe" else tape.alloc.retain(top)
     tape.drop(top)
+    return scores, idx
+
+
+def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: dict[str, Param],
+                lora: dict[str, tuple[Param, Param]] | None = None, ranks: dict[str, int] | None = None) -> Tensor:
+    """One sparse MoE MLP on the normed hidden states x (N x D); returns N x D in x's dtype.
+    `lora`/`ranks`: peft ParamWrapper adapters on "gate.weight" / "experts.gate_up_proj" /
+    "experts.down_proj" (methods/moe_lora.py)."""
+    tape = ctx.tape
+    N, E, k, D, F = ctx.tokens, moe.num_experts, moe.top_k, moe.hidden, moe.ffn
+    S = N * k
+    lora, ranks = lora or {}, ranks or {}
+    by_name = {n.removeprefix("mlp."): p for n, p in params.items()}
+    router, gate_up, down = by_name[f"{moe.router}.weight"], by_name["experts.gate_up_proj"], by_name["experts.down_proj"]
+    # ---- router ----
+    if moe.kind == "gpt_oss":
+        from .program_gptoss import gpt_oss_router
+
+        scores, idx = gpt_oss_router(ctx, x, moe, router, by_name[f"{moe.router}.bias"])
+    elif "gate.weight" in lora:
+        wr = adapted_weight(ctx, router, lora["gate.weight"], ranks["gate.weight"], 1)
+        logits = _router_linear(ctx, x, wr, E)
+        tape.drop(wr)
+    else:
+        logits = linear(ctx, x, router, None, E)  # F.linear under autocast: N x E in the compute dtype
+    if moe.kind != "gpt_oss":
+        scores, idx = _softmax_router(ctx, logits, moe)
     # ---- experts (grouped_mm_experts_forward) ----
     ids_sorted = tape.new(S, INT64, False, "sort_values")
     perm = tape.new(S, INT64, False, "sort_indices")
@@ -146,21 +170,29 @@ def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: list[Param],
     per_expert = tape.new(E, FP32, False, "tokens_per_expert")
     tape.drop(histc_in)
     offs = tape.new(E, INT32, False, "offsets")
-    tape.drop(per_expert, ids_sorted)
+    tape.drop(per_expert)
+    # has_bias (gpt_oss): `self.gate_up_proj_bias[expert_ids_g]`, gathered before the GEMM, added in place
+    bias_gu = _gather_bias(ctx, by_name.get("experts.gate_up_proj_bias"), ids_sorted, S, 2 * F)
     w_gu = adapted_weight(ctx, gate_up, lora.get("experts.gate_up_proj"), ranks.get("experts.gate_up_proj", 0), E)
     up_out = _grouped_mm(ctx, xs, w_gu, offs, S, D, 2 * F)
-    tape.drop(xs, w_gu)
-    gate = tape.new(S * F, up_out.dtype, up_out.requires_grad, "chunk")
-    up = tape.new(S * F, up_out.dtype, up_out.requires_grad, "chunk")
-    tape.record("chunk", [up_out], [gate, up], [])
+    tape.drop(xs, w_gu, bias_gu)
+    if moe.kind == "gpt_oss":
+        from .program_gptoss import gpt_oss_gate
+
+        prod = gpt_oss_gate(ctx, up_out)
+    else:
+        gate = tape.new(S * F, up_out.dtype, up_out.requires_grad, "chunk")
+        up = tape.new(S * F, up_out.dtype, up_out.requires_grad, "chunk")
+        tape.record("chunk", [up_out], [gate, up], [])
+        act = elementwise(ctx, "act", gate)  # silu saves its input
+        tape.drop(gate)
+        prod = mul(ctx, act, up)
+        tape.drop(act, up)
     tape.drop(up_out)
-    act = elementwise(ctx, "act", gate)  # silu saves its input
-    tape.drop(gate)
-    prod = mul(ctx, act, up)
-    tape.drop(act, up)
+    bias_d = _gather_bias(ctx, by_name.get("experts.down_proj_bias"), ids_sorted, S, D)
     w_d = adapted_weight(ctx, down, lora.get("experts.down_proj"), ranks.get("experts.down_proj", 0), E)
     d_out = _grouped_mm(ctx, prod, w_d, offs, S, F, D)
-    tape.drop(prod, offs, w_d)
+    tape.drop(prod, offs, w_d, bias_d, ids_sorted)
     weighted = elementwise(ctx, "mul", d_out, sw, numel=S * D, out_dtype=promote(d_out.dtype, sw.dtype))
     tape.drop(d_out, sw, perm)
     inv_perm = tape.new(S, INT64, False, "inv_perm")

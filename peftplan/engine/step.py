@@ -191,7 +191,7 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     h = embeddings_out(ctx, arch, h, params)  # embedding LayerNorm / dropout (program.py)
     cos = None
     rope_tables: list[Tensor] = []
-    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "phi3"):
+    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3"):
         # LlamaRotaryEmbedding: cos and sin (1 x T x hd: transformers 5.23 builds position_ids as
         # `cache_position.unsqueeze(0)`, batch 1, broadcast in apply_rotary_pos_emb) in the hidden
         # dtype, shared by all layers; Gemma3TextModel.forward builds one pair per distinct layer type

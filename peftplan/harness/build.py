@@ -132,8 +132,10 @@ def options_dict(options: Any) -> dict[str, Any]:
 # ---- the transformers model ------------------------------------------------------------------
 
 
-def attn_implementation(training: Training, device: str) -> tuple[str, str | None]:
+def attn_implementation(training: Training, device: str, model_type: str = "") -> tuple[str, str | None]:
     """(implementation passed to transformers, note) for training.attention on `device`."""
+    if model_type == "gpt_oss" and training.attention != "eager":
+        return "eager", "gpt-oss has no SDPA path (modeling_gpt_oss.py _supports_sdpa = False): eager attention"
     if training.attention == "flash":
         if device == "cuda":
             import importlib.util
@@ -646,7 +648,7 @@ def build_meta(arch: ModelArch, method: str, options: Any = None, training: Trai
     training = training or Training()
     opts = coerce_options(method, options)
     tuned = get_method(method).build(arch, opts, training)
-    impl, note = attn_implementation(training, device)
+    impl, note = attn_implementation(training, device, arch.model_type)
     notes = [note] if note else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -56,6 +56,9 @@ TINY_MOE = {
                       "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512,
                       "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_experts": 8,
                       "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "tiny-gptoss": {"model_type": "gpt_oss", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
 }
 TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2, **TINY_MODERN, **TINY_MOE}
 NO_CKPT = {"prefix"}  # peft refuses prefix tuning with gradient checkpointing
@@ -145,6 +148,8 @@ def _sized_entries() -> list[MatrixEntry]:
 # Known deviations of the engine from the real step, found by this matrix; measured 2026-11-24 01:05 UTC.
 # Keyed by entry id; the reason names the component that differs.
 XFAIL: dict[str, str] = {
+    'tiny-gptoss_lora_b2s64_sdpa_ckpt_targets-all-linear':
+        "engine under-predicts -1.87% (gradient checkpointing) on tiny gpt-oss: saved_activations and temporaries short of the trace at the peak inside the experts' backward recompute; undiagnosed (gpt-oss-20b at real width, 2 layers, b1 s256/s1024 with checkpointing: +0.000%/+0.001%)",
     'llama3.2-1b_ia3_b1s256_sdpa_ckpt':
         "engine over-predicts +4.65% (gradient checkpointing) with IA3: saved_activations above the trace; undiagnosed (suspect the (IA)3 scaling mul's saved input counted twice around the checkpoint recompute)",
     'tiny-llama_ia3_b2s64_sdpa_ckpt':

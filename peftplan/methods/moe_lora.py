@@ -120,6 +120,10 @@ def moe_notes(model) -> list[str]:  # type: ignore[no-untyped-def]
              f"active parameters ({arch.active_params / 1e9:.2f}B of {arch.total_params / 1e9:.2f}B)",
              "experts run as transformers 5.23 runs them by default: grouped_mm over the fused 3-D expert "
              "weights (integrations/moe.py grouped_mm_experts_forward)"]
+    quant = arch.config.get("quantization_config") or {}
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        notes.append("the checkpoint's MXFP4 experts are dequantized to bf16 for training (transformers "
+                     "Mxfp4Config(dequantize=True); MXFP4 weights get no gradients): modelled as bf16")
     if arch.config.get("output_router_logits"):
         notes.append("output_router_logits is set: the load-balancing loss's tensors are NOT modelled")
     else:
