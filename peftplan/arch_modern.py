@@ -156,4 +156,26 @@ def smollm3(name: str, cfg: Mapping[str, Any]) -> ModelArch:
     return _model(name, cfg, "llama", blocks, f, V, D, H, K, hd, F, True)
 
 
-BUILDERS = {"qwen3": qwen3, "gemma3_text": gemma3_text, "olmo2": olmo2, "smollm3": smollm3}
+# configuration_gemma3.py Gemma3TextConfig defaults: hub config.json files of the multimodal checkpoints
+# (model_type "gemma3") list only the text fields that differ from these
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+}
+
+
+def gemma3_multimodal(name: str, cfg: Mapping[str, Any]) -> ModelArch:
+    """A Gemma 3 vision-language config.json (Gemma3ForConditionalGeneration): its language model only, as
+    Gemma3ForCausalLM builds it from `text_config` (the SigLIP tower and projector are not modelled)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ArchError(f"{name}: a gemma3 config.json needs a 'text_config' object (peftplan models its text decoder)")
+    merged = {**GEMMA3_TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None}, "model_type": "gemma3_text"}
+    if cfg.get("tie_word_embeddings") is not None and text.get("tie_word_embeddings") is None:
+        merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    return gemma3_text(name, merged)
+
+
+BUILDERS = {"qwen3": qwen3, "gemma3_text": gemma3_text, "gemma3": gemma3_multimodal, "olmo2": olmo2,
+            "smollm3": smollm3}

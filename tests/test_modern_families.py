@@ -53,6 +53,29 @@ def test_gemma3_layer_pattern_and_norms():
     assert [b.rope for b in load_model("smollm3-3b").blocks[:4]] == [True, True, True, False]
 
 
+def test_gemma3_vision_language_config_is_its_text_decoder():
+    """The hub's Gemma3ForConditionalGeneration config.json (model_type gemma3) lists only non-default text
+    fields; peftplan fills Gemma3TextConfig's defaults and models the language model."""
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"hidden_size": 1152, "model_type": "siglip_vision_model"}}
+    arch = from_hf_config(cfg, "gemma-3-4b-it")
+    text = transformers.AutoConfig.for_model(**cfg).text_config
+    with torch.device("meta"):
+        real = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(text).parameters())
+    assert arch.total_params == real == load_model("gemma3-4b").total_params
+
+
+def test_hub_ids_of_variants_resolve_offline():
+    from peftplan.catalog import resolve_model_name
+
+    assert resolve_model_name("Qwen/Qwen3-8B-Base") == "qwen3-8b"
+    assert resolve_model_name("google/gemma-3-27b-it") == "gemma3-27b"
+    assert resolve_model_name("openai/gpt-oss-20b") == "gpt-oss-20b"
+
+
 # (catalog model, config overrides: real width, reduced depth, seq_len)
 REDUCED = {
     "qwen3": ("qwen3-8b", dict(num_hidden_layers=2, max_window_layers=2), 256),
