@@ -86,7 +86,7 @@ REDUCED = {
     "mistral-nemo": ("mistral-nemo-12b", dict(num_hidden_layers=2), 256),
 }
 CASES = [(fam, m, ck) for fam in REDUCED for m, ck in (("lora", False), ("lora", True), ("qlora", False),
-                                                         ("full", False))]
+                                                         ("full", False), ("prefix", False))]
 
 
 def reduced_arch(family):
@@ -100,7 +100,7 @@ def test_engine_matches_trace_at_real_width(family, method, grad_ckpt):
     from peftplan.harness.trace import trace
 
     arch, seq = reduced_arch(family)
-    options = {"rank": 16, "targets": "all-linear"} if method != "full" else {}
+    options = {"rank": 16, "targets": "all-linear"} if method in ("lora", "qlora") else {}
     training = Training(micro_batch=1, seq_len=seq, grad_ckpt=grad_ckpt)
     e = estimate(arch, method, training, load_gpu("h200"), options)
     with warnings.catch_warnings():

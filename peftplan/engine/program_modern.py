@@ -104,13 +104,24 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
         qr, kr = _rope(ctx, q, cos), _rope(ctx, k, cos)
         tape.drop(q, k)
         q, k = qr, kr
+    masked_by_prefix = False
+    if bp.tuned.prefix_tokens:
+        # prefix tuning (as program.py's attn_part): DynamicCache.update cats the trainable prefix keys/values
+        # in front of k and v; kv_len != q_len, so transformers passes a mask instead of is_causal
+        n_prefix = training.micro_batch * bp.tuned.prefix_tokens * K * hd
+        kp = tape.new(k.numel + n_prefix, k.dtype, True, "prefix_cat_k")
+        vp = tape.new(v.numel + n_prefix, v.dtype, True, "prefix_cat_v")
+        tape.record("cat", [k], [kp], [])
+        tape.record("cat", [v], [vp], [])
+        tape.drop(k, v)
+        k, v, masked_by_prefix = kp, vp, True
     extras = {name: p for (name, _), p in zip(block.extra_params, bp.extras)}
     if arch.family == "gpt_oss":
         from .program_gptoss import sink_attention
 
         a = sink_attention(ctx, arch, training, q, k, v, kv_tokens, extras["self_attn.sinks"])
     else:
-        masked = sliding_masked(arch, training, block.sliding_window, kv_tokens)
+        masked = masked_by_prefix or sliding_masked(arch, training, block.sliding_window, kv_tokens)
         a = _attention(ctx, arch, training, q, k, v, kv_tokens, True, masked=masked)
     tape.drop(q, k, v)
     o = tuned_linear(ctx, a, lps["o"])
