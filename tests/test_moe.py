@@ -118,3 +118,8 @@ def test_engine_matches_trace_at_real_width(family, method, options, extra):
     assert (e.params.total, e.params.trainable) == (r.params_total, r.params_trainable)
     err = (e.memory.peak_allocated_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes
     assert abs(err) < 0.01, f"engine {e.memory.peak_allocated_bytes:,} vs trace {r.peak_allocated_bytes:,} ({err:+.2%})"
+
+
+def test_bitfit_on_gpt_oss_is_refused_not_misestimated():
+    with pytest.raises(MethodError, match="BitFit"):
+        build_tuned(load_model("gpt-oss-20b"), "bitfit", {}, Training(micro_batch=1, seq_len=8))
