@@ -19,7 +19,7 @@ from ..dtypes import INT64
 from ..training import Training
 from . import ops
 from .autograd import Param
-from .ops import Ctx, add, cast, elementwise, linear, mul, promote
+from .ops import Ctx, cast, elementwise, linear, mul, promote
 from .sim import Tensor
 
 
@@ -117,9 +117,3 @@ def sink_attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: 
     tape.drop(weights, kr, vr, qc)
     return out
 
-
-def hold_sinks(arch: ModelArch, extras: dict[str, Param]) -> Param | None:
-    return extras.get("self_attn.sinks") if arch.family == "gpt_oss" else None
-
-
-__all__ = ["gpt_oss_gate", "gpt_oss_router", "hold_sinks", "sink_attention", "add"]
