@@ -199,7 +199,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         pairs = len({b.sliding_window is not None for b in arch.blocks}) if arch.family == "gemma3" else 1
         rope_tables = [alloc.new(T * arch.head_dim, h.dtype, "saved_activations") for _ in range(2 * pairs)]
         cos = rope_tables[0]
-    layer_masks = _layer_masks(alloc, arch, training, B, T, h.dtype)  # program_modern families' sliding masks
+    layer_masks = _layer_masks(alloc, arch, training, B, T, h.dtype,
+                               params.blocks[0].tuned.prefix_tokens if params.blocks else 0)  # program_modern families' sliding masks
     eager_mask = None
     if arch.family == "llama" and training.attention == "eager" and not layer_masks:
         # transformers 5.23 masking_utils.py `create_causal_mask` -> `eager_mask`: one B x 1 x T x S
@@ -266,7 +267,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         alloc.release(t)
 
 
-def _layer_masks(alloc: Allocator, arch: ModelArch, training: Training, B: int, T: int, dtype: DType) -> dict:
+def _layer_masks(alloc: Allocator, arch: ModelArch, training: Training, B: int, T: int, dtype: DType,
+                 prefix: int = 0) -> dict:
     """The attention masks a program_modern family's model builds once per forward, keyed by the
     layer's sliding window (None: global layers); only families with sliding-window layers or eager
     attention have any (llama's eager mask is handled by the caller).
@@ -282,8 +284,8 @@ def _layer_masks(alloc: Allocator, arch: ModelArch, training: Training, B: int, 
     if arch.model_type not in MODERN_TYPES:
         return {}
     windows = {b.sliding_window for b in arch.blocks}
-    if training.attention == "eager":
-        return {w: alloc.new(B * T * T, dtype, "saved_activations") for w in windows}
+    if training.attention == "eager":  # S = T + prefix-tuning keys
+        return {w: alloc.new(B * T * (T + prefix), dtype, "saved_activations") for w in windows}
     return {w: alloc.new(T * T, BOOL, "saved_activations") for w in windows if sliding_masked(arch, training, w, T)}
 
 
