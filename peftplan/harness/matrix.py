@@ -3,10 +3,12 @@
 Every registered method, on two model sizes (a tiny llama-family config, and a real ~1B config from
 the catalog; BitFit needs biases, so it runs on a tiny GPT-2 and Qwen2.5-0.5B), with gradient
 checkpointing on and off (prefix tuning refuses checkpointing) and eager / SDPA attention on the tiny
-model; plus Llama-3-8B for LoRA, QLoRA and full fine-tuning. `peftplan trace --matrix ci --out-dir DIR`
-writes one record per entry (records.write_record); `peftplan check DIR` re-predicts each with the
-engine. A trace costs ~0.3 ms per aten op on this tracer (fake tensors), so time grows with layers and
-steps, not with model size: the CI matrix runs in ~2-3 minutes on 2 cores with 2 worker processes.
+model; plus Llama-3-8B for LoRA, QLoRA and full fine-tuning; plus tiny Qwen3, Gemma 3, OLMo 2,
+SmolLM3, Mixtral, Qwen3-MoE and gpt-oss configs (TINY_MODERN, TINY_MOE), full fine-tuning and LoRA.
+`peftplan trace --matrix ci --out-dir DIR` writes one record per entry (records.write_record);
+`peftplan check DIR` re-predicts each with the engine. A trace costs ~0.3 ms per aten op on this tracer
+(fake tensors), so time grows with layers and steps, not with model size: the CI matrix runs in ~2-3
+minutes on 2 cores with 2 worker processes.
 
 Known engine deviations are marked `xfail` with the reason (written into the record as "xfail"):
 `check` lists them as known deviations, never skips them silently, and reports a known deviation that
