@@ -109,3 +109,23 @@ def test_engine_matches_trace_at_real_width(family, method, grad_ckpt):
     assert (e.params.total, e.params.trainable) == (r.params_total, r.params_trainable)
     err = (e.memory.peak_allocated_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes
     assert abs(err) < 0.01, f"engine {e.memory.peak_allocated_bytes:,} vs trace {r.peak_allocated_bytes:,} ({err:+.2%})"
+
+
+def test_gemma3_final_logit_softcapping_matches_trace():
+    """No published Gemma 3 config sets final_logit_softcapping; the modelled cap * tanh(logits / cap) is
+    checked on a small config that does."""
+    from peftplan.harness.trace import trace
+
+    arch = from_hf_config({"model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 256,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128,
+                           "intermediate_size": 512, "num_hidden_layers": 2, "sliding_window": 32,
+                           "final_logit_softcapping": 30.0}, "tiny-gemma3-softcap")
+    assert arch.final_logit_softcap == 30.0
+    training = Training(micro_batch=2, seq_len=64)
+    for method in ("lora", "full"):
+        e = estimate(arch, method, training, load_gpu("h200"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = trace(arch, method, {}, training, flops=False)
+        err = (e.memory.peak_allocated_bytes - r.peak_allocated_bytes) / r.peak_allocated_bytes
+        assert abs(err) < 0.01, (method, err)
