@@ -12,9 +12,12 @@ hd head dim, F MLP intermediate size, L layers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
-Family = Literal["llama", "gemma2", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
+if TYPE_CHECKING:
+    from .arch_moe import MoE  # noqa: F401
+
+Family = Literal["llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
 Task = Literal["causal-lm", "seq2seq-lm", "masked-lm"]
 StackKind = Literal["decoder", "encoder", "cross-decoder"]
 
@@ -72,6 +75,9 @@ class Block:
     linears: tuple[Linear, ...]
     norms: tuple[Norm, ...]
     extra_params: tuple[tuple[str, int], ...] = ()  # (name, numel)
+    sliding_window: int | None = None  # this layer attends to the last `sliding_window` keys (None: global)
+    rope: bool = True  # False on SmolLM3's NoPE layers
+    moe: MoE | None = None  # a sparse MoE MLP (its parameters are in extra_params)
 
     @property
     def numel(self) -> int:
@@ -118,12 +124,17 @@ class ModelArch:
     tie_word_embeddings: bool
     max_position_embeddings: int | None
     sliding_window: int | None = None
-    # tanh soft-capping (Gemma 2): scores = cap * tanh(scores / cap) in eager attention, and the same on
-    # the logits before the loss (modeling_gemma2.py eager_attention_forward, Gemma2ForCausalLM.forward).
+    # tanh soft-capping (Gemma 2, Gemma 3's final logits): scores = cap * tanh(scores / cap) in eager attention,
+    # and the same on the logits before the loss (modeling_gemma2.py eager_attention_forward,
+    # Gemma2ForCausalLM.forward; Gemma3ForCausalLM.forward).
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     # Modules transformers keeps in fp32 whatever the load dtype (`_keep_in_fp32_modules`; T5's "wo").
     keep_in_fp32: tuple[str, ...] = ()
+    # q/k RMSNorms (arch_modern.py): "head" over head_dim per head (qwen3, gemma3), "proj" over the whole
+    # projection (olmo2), "" none
+    qk_norm: str = ""
+    embed_scale: bool = False  # gemma3: embeddings multiplied by sqrt(hidden_size) inside the embedding module
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- counts -------------------------------------------------------------------------
@@ -157,6 +168,12 @@ class ModelArch:
             + self.lm_head_numel
         )
 
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: total minus the experts it is not routed to (top_k of num_experts)."""
+        return self.total_params - sum((b.moe.num_experts - b.moe.top_k) * b.moe.expert_numel
+                                       for b in self.blocks if b.moe is not None)
+
     def all_linear_names(self) -> tuple[str, ...]:
         """Distinct block linear names, in module order (peft's 'all-linear' excludes the output head)."""
         seen: dict[str, None] = {}
@@ -183,6 +200,9 @@ UNSUPPORTED_ATTENTION: dict[str, frozenset[str]] = {
     "gemma2": frozenset({"sdpa"}),
     "t5": frozenset({"flash"}),
     "mt5": frozenset({"flash"}),
+    # modeling_gpt_oss.py: `_supports_sdpa = False` (attention sinks); its flash path needs the hub's
+    # kernels-community build with sink support, which peftplan does not model: eager only
+    "gpt_oss": frozenset({"sdpa", "flash"}),
 }
 
 
@@ -482,6 +502,17 @@ BUILDERS: dict[str, Callable[[str, Mapping[str, Any]], ModelArch]] = {
     "bert": _bert,
     "roberta": _bert,
 }
+
+
+def _register_modern() -> None:
+    from .arch_modern import BUILDERS as MODERN
+    from .arch_moe import BUILDERS as MOE
+
+    BUILDERS.update(MODERN)
+    BUILDERS.update(MOE)
+
+
+_register_modern()
 
 
 def from_hf_config(cfg: Mapping[str, Any], name: str = "model") -> ModelArch:

@@ -210,24 +210,19 @@ def estimate(
 
 
 @app.command()
-def models() -> None:
-    """List the bundled model catalog."""
+def models(
+    filter_text: Optional[str] = typer.Argument(None, metavar="[FILTER]",
+                                                help="show only names, hub ids or model_types containing this"),
+    hub: bool = typer.Option(False, "--hub", help="list each model's hub id (they resolve offline)"),
+) -> None:
+    """List the bundled model catalog (MoE: total and active parameters)."""
 
     def run() -> None:
         from rich.console import Console
-        from rich.table import Table
 
-        from .catalog import load_model, model_index
-        from .units import fmt_count
+        from .cli_models import models_table
 
-        table = Table(title="bundled models (config.json from the HF hub)")
-        for col in ("name", "hub id", "model_type", "params", "layers", "hidden", "heads/kv", "vocab"):
-            table.add_column(col)
-        for name, entry in sorted(model_index().items()):
-            a = load_model(name)
-            table.add_row(name, entry.hub_id, a.model_type, fmt_count(a.total_params), str(a.num_layers),
-                          str(a.hidden_size), f"{a.num_heads}/{a.num_kv_heads}", str(a.vocab_size))
-        Console().print(table)
+        Console().print(models_table(filter_text, hub))
 
     _guard(run)
 

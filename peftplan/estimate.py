@@ -145,6 +145,8 @@ def count_params(model: TunedModel) -> Params:
         trainable += arch.embedding_numel
     for tb in model.blocks:
         total += sum(t.lora_numel + t.ia3_numel for t in tb.linears) + sum(a.numel for a in tb.adapters)
+        total += tb.expert_lora_numel  # LoRA on MoE router / fused experts (methods/moe_lora.py)
+        trainable += tb.expert_lora_numel
         for t in tb.linears:
             if t.weight_trainable:
                 trainable += t.linear.weight_numel
@@ -202,6 +204,9 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     model, opts = build_tuned(arch, method, options, training)
     effective = training
     assumptions = list(model.notes)
+    from .methods.moe_lora import moe_notes
+
+    assumptions += moe_notes(model)  # MoE models: experts, router, what LoRA/QLoRA reach (arch_moe.py)
     attention, attention_note = resolve_attention(arch, training.attention, explicit=False)
     if attention_note is not None:
         effective = effective.with_(attention=attention)

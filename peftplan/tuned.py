@@ -91,12 +91,29 @@ class TunedBlock:
     norm_bias_trainable: bool = False  # BitFit trains LayerNorm biases
     adapters: tuple[BottleneckAdapter, ...] = ()
     prefix_tokens: int = 0  # prefix tuning: past key/value length prepended to every attention
+    # LoRA on MoE parameters (peft ParamWrapper, methods/moe_lora.py): (parameter name as in
+    # block.extra_params, rank); the adapters are stored in `expert_lora_dtype`
+    expert_lora: tuple[tuple[str, int], ...] = ()
+    expert_lora_dtype: DType | None = None
+
+    @property
+    def expert_lora_numel(self) -> int:
+        """peft ParamWrapper.update_layer: lora_A (r*E x in), lora_B (out x r*E) per wrapped parameter
+        (E = 1 for the 2-D router weight)."""
+        from .methods.moe_lora import wrapped_shape
+
+        total = 0
+        for name, rank in self.expert_lora:
+            experts, in_f, out_f = wrapped_shape(self.block, name)
+            total += rank * experts * (in_f + out_f)
+        return total
 
     @property
     def trainable(self) -> bool:
         return (
             self.norms_trainable
             or self.norm_bias_trainable
+            or bool(self.expert_lora)
             or bool(self.adapters)
             or any(t.weight_trainable or t.bias_trainable or t.lora_rank or t.ia3 for t in self.linears)
         )

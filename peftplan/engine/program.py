@@ -10,7 +10,7 @@ MatMul4Bit (dequantizes the weight in forward and again in backward, saves no ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..arch import ModelArch
 from ..dtypes import BOOL, FP32, INT64, DType
@@ -20,6 +20,11 @@ from .autograd import Param
 from . import ops
 from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, promote, scale
 from .sim import Tensor
+from .program_modern import modern_block_forward
+from ..arch_modern import BUILDERS as _MODERN_BUILDERS
+from ..arch_moe import BUILDERS as _MOE_BUILDERS
+
+MODERN_TYPES = frozenset(_MODERN_BUILDERS) | frozenset(_MOE_BUILDERS)
 
 
 @dataclass(eq=False)
@@ -39,6 +44,8 @@ class BlockParams:
     linears: list[LinearParams]
     norms: list[Param]
     adapters: list[tuple[BottleneckAdapter, Param, Param]]  # (spec, down weight+bias, up weight+bias)
+    extras: list[Param] = field(default_factory=list)  # block.extra_params, in order (MoE router/experts)
+    expert_lora: dict[str, tuple[Param, Param]] = field(default_factory=dict)  # MoE parameter -> (lora_A, lora_B)
 
 
 @dataclass(eq=False)
@@ -66,7 +73,7 @@ def _dropout(ctx: Ctx, x: Tensor, p: float) -> Tensor:
 def hidden_dropout(arch: ModelArch) -> float:
     """The residual-stream dropout probability (gpt2 resid_pdrop, bert hidden_dropout_prob, t5
     dropout_rate, opt dropout); Llama-like families have none in training."""
-    if arch.family in ("llama", "gemma2", "phi3"):
+    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3"):
         return 0.0
     return float(arch.config.get("resid_pdrop", arch.config.get("hidden_dropout_prob",
                  arch.config.get("dropout_rate", arch.config.get("dropout", 0.0)))) or 0.0)
@@ -585,7 +592,10 @@ def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: 
     """One decoder/encoder layer. Consumes the caller's reference to `h`; returns the new hidden state."""
     c = ops.COUNTER[0]
     before = c.forward if c is not None else 0
-    out = _block_forward(ctx, arch, training, h, bp, cos, kv_tokens, encoder_out)
+    if arch.model_type in MODERN_TYPES:  # qwen3 / gemma3_text / olmo2 / smollm3 (program_modern.py)
+        out = modern_block_forward(ctx, arch, training, h, bp, cos, kv_tokens)
+    else:
+        out = _block_forward(ctx, arch, training, h, bp, cos, kv_tokens, encoder_out)
     if c is not None:
         c.block_forward += c.forward - before  # what gradient checkpointing runs again in backward
     return out
@@ -766,7 +776,7 @@ def loss_forward(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, vocab: int, 
     tape = ctx.tape
     logits = linear(ctx, h, head, None, vocab)
     if arch.final_logit_softcap is not None:
-        logits = _softcap(ctx, logits)
+        logits = _softcap(ctx, logits)  # Gemma 2 / Gemma 3 final_logit_softcapping
     loss_dtype = FP32 if arch.task == "causal-lm" or ctx.autocast is not None else logits.dtype
     logits32 = cast(ctx, logits, loss_dtype)
     tape.drop(logits)  # Trainer.compute_loss keeps only the loss: the half logits die here

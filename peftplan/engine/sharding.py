@@ -314,7 +314,8 @@ def _block_params(bp) -> list[Param]:  # type: ignore[no-untyped-def]
     out: list[Param] = []
     for lp in bp.linears:
         out += [p for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3) if p is not None]
-    out += bp.norms
+    out += bp.norms + bp.extras  # extras: MoE router and fused experts (arch_moe.py)
+    out += [p for ab in bp.expert_lora.values() for p in ab]
     for _, d, u in bp.adapters:
         out += [d, u]
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..arch import Linear, ModelArch
-from ..dtypes import FP32, INT64, DType
+from ..dtypes import BOOL, FP32, INT64, DType
 from ..trainers import get_trainer
 from ..training import Training
 from ..tuned import TunedModel
@@ -113,14 +113,21 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             if n.bias:
                 param(n.dim, tb.norm_dtype, tb.norms_trainable or tb.norm_bias_trainable)
                 norms[-1].bias_trainable = tb.norms_trainable or tb.norm_bias_trainable
-        for _, numel in tb.block.extra_params:
-            param(numel, tb.norm_dtype, tb.norms_trainable)
+        extras = [param(numel, tb.norm_dtype, tb.norms_trainable) for _, numel in tb.block.extra_params]
+        expert_lora: dict[str, tuple[Param, Param]] = {}
+        for pname, rank in tb.expert_lora:  # peft ParamWrapper on MoE parameters (methods/moe_lora.py)
+            from ..methods.moe_lora import wrapped_shape
+
+            experts, in_f, out_f = wrapped_shape(tb.block, pname)
+            dt = tb.expert_lora_dtype or FP32
+            expert_lora[pname] = (param(rank * experts * in_f, dt, True, rank * experts),
+                                  param(out_f * rank * experts, dt, True, out_f))
         adapters = []
         for spec in tb.adapters:
             down = param(spec.dim * spec.size + spec.size, spec.dtype, True, spec.size)  # weight + bias
             up = param(spec.size * spec.dim + spec.dim, spec.dtype, True, spec.dim)
             adapters.append((spec, down, up))
-        blocks.append(BlockParams(tb, lps, norms, adapters))
+        blocks.append(BlockParams(tb, lps, norms, adapters, extras, expert_lora))
     final_norms = []
     for n in arch.final_norms:
         final_norms.append(param(n.dim, model.final_norm_dtype, model.final_norms_trainable))
@@ -165,6 +172,13 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     emb_rg = emb.trainable or model.input_requires_grad or model.virtual_tokens > 0 or grad_ckpt
     h = tape.new(tokens * arch.head_in_features, emb.dtype, emb_rg, "embedding")
     tape.record("embedding", [tape.param_tensor(emb)], [h], [ids if emb.trainable else None])
+    if arch.embed_scale:
+        # Gemma3TextScaledWordEmbedding.forward: `super().forward(ids) * self.embed_scale.to(weight.dtype)`,
+        # a new tensor inside the embedding module (the hooked output is the scaled one)
+        scaled = tape.new(h.numel, h.dtype, emb_rg, "embed_scale")
+        tape.record("mul_scalar", [h], [scaled], [])
+        tape.drop(h)
+        h = scaled
     # enable_input_require_grads (checkpointing, kbit prep, input_requires_grad) registers a forward hook
     # `output.requires_grad_(True)` on the input embeddings (transformers modeling_utils.py): with a
     # frozen embedding the output is a *leaf* that requires grad, so the graph's AccumulateGrad node
@@ -187,14 +201,19 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         h = h2
     h = embeddings_out(ctx, arch, h, params)  # embedding LayerNorm / dropout (program.py)
     cos = None
-    if arch.family in ("llama", "gemma2", "phi3"):
+    rope_tables: list[Tensor] = []
+    if arch.family in ("llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3"):
         # LlamaRotaryEmbedding: cos and sin (1 x T x hd: transformers 5.23 builds position_ids as
         # `cache_position.unsqueeze(0)`, batch 1, broadcast in apply_rotary_pos_emb) in the hidden
-        # dtype, shared by all layers
-        cos = alloc.new(T * arch.head_dim, h.dtype, "saved_activations")
-        sin = alloc.new(T * arch.head_dim, h.dtype, "saved_activations")
+        # dtype, shared by all layers; Gemma3TextModel.forward builds one pair per distinct layer type
+        # (`for layer_type in set(self.config.layer_types)`: global and local RoPE bases)
+        pairs = len({b.sliding_window is not None for b in arch.blocks}) if arch.family == "gemma3" else 1
+        rope_tables = [alloc.new(T * arch.head_dim, h.dtype, "saved_activations") for _ in range(2 * pairs)]
+        cos = rope_tables[0]
+    layer_masks = _layer_masks(alloc, arch, training, B, T, h.dtype,
+                               params.blocks[0].tuned.prefix_tokens if params.blocks else 0)  # program_modern families' sliding masks
     eager_mask = None
-    if arch.family == "llama" and training.attention == "eager":
+    if arch.family == "llama" and training.attention == "eager" and not layer_masks:
         # transformers 5.23 masking_utils.py `create_causal_mask` -> `eager_mask`: one B x 1 x T x S
         # additive float mask in the embeddings' dtype (torch.where(mask, 0, min_dtype)), built once per
         # forward and passed to every layer. Checkpointing keeps it alive into backward: the decoder
@@ -220,13 +239,17 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
             fsdp.block_start(alloc, tape, i)
         kv = T + bp.tuned.prefix_tokens
         if grad_ckpt:
-            h = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out, model.reentrant_ckpt,
-                                    [eager_mask] if eager_mask is not None else [])
+            held = [eager_mask] if eager_mask is not None else []
+            if layer_masks:  # the layer's kwargs hold the mask of its own layer type (None when skipped)
+                held = [t for t in [layer_masks.get(bp.tuned.block.sliding_window)] if t is not None]
+            h = _checkpointed_block(ctx, arch, training, h, bp, cos, kv, encoder_out, model.reentrant_ckpt, held)
         else:
             h = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
         if fsdp is not None:
             fsdp.block_end(alloc, tape, i)
     alloc.release(eager_mask)  # LlamaModel.forward returns: its reference dies
+    for t in layer_masks.values():
+        alloc.release(t)
     h = head_transform(ctx, arch, h, params)  # final norm (+ t5 dropout, bert/roberta dense+gelu+LN)
     head = params.head if params.head is not None else emb
     if arch.head_in_features != arch.hidden_size and params.head_linears:
@@ -255,9 +278,30 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     tape.drop(loss)
     alloc.release(ids)
     alloc.release(labels)
-    if cos is not None:
-        alloc.release(cos)
-        alloc.release(sin)
+    for t in rope_tables:
+        alloc.release(t)
+
+
+def _layer_masks(alloc: Allocator, arch: ModelArch, training: Training, B: int, T: int, dtype: DType,
+                 prefix: int = 0) -> dict:
+    """The attention masks a program_modern family's model builds once per forward, keyed by the
+    layer's sliding window (None: global layers); only families with sliding-window layers or eager
+    attention have any (llama's eager mask is handled by the caller).
+
+    SDPA (masking_utils.py `sdpa_mask`): global layers use `is_causal` (no tensor); a sliding layer
+    type gets a boolean (1, 1, T, S) mask, expanded (a view) over the batch, once
+    kv_length >= sliding_window (`_ignore_causal_mask_sdpa`). Eager (`eager_mask`): one additive
+    B x 1 x T x S mask in the embeddings' dtype per layer type.
+    """
+    from .program import MODERN_TYPES
+    from .program_modern import sliding_masked
+
+    if arch.model_type not in MODERN_TYPES:
+        return {}
+    windows = {b.sliding_window for b in arch.blocks}
+    if training.attention == "eager":  # S = T + prefix-tuning keys
+        return {w: alloc.new(B * T * (T + prefix), dtype, "saved_activations") for w in windows}
+    return {w: alloc.new(T * T, BOOL, "saved_activations") for w in windows if sliding_masked(arch, training, w, T)}
 
 
 def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,
@@ -313,7 +357,7 @@ def _all_params(params: ModelParams) -> list[Param]:
     for bp in params.blocks:
         for lp in bp.linears:
             out += [p for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3) if p is not None]
-        out += bp.norms
+        out += bp.norms + bp.extras + [p for ab in bp.expert_lora.values() for p in ab]
         for _, d, u in bp.adapters:
             out += [d, u]
     return out

@@ -132,8 +132,10 @@ def options_dict(options: Any) -> dict[str, Any]:
 # ---- the transformers model ------------------------------------------------------------------
 
 
-def attn_implementation(training: Training, device: str) -> tuple[str, str | None]:
+def attn_implementation(training: Training, device: str, model_type: str = "") -> tuple[str, str | None]:
     """(implementation passed to transformers, note) for training.attention on `device`."""
+    if model_type == "gpt_oss" and training.attention != "eager":
+        return "eager", "gpt-oss has no SDPA path (modeling_gpt_oss.py _supports_sdpa = False): eager attention"
     if training.attention == "flash":
         if device == "cuda":
             import importlib.util
@@ -492,9 +494,20 @@ def _peft_config(model: nn.Module, tuned: TunedModel, options: Any):
     if m in ("lora", "dora", "qlora"):
         targets = _linear_paths(model, tuned, lambda t: t.lora_rank > 0)
         first = next(t for tb in tuned.blocks for t in tb.linears if t.lora_rank)
-        return peft.LoraConfig(r=first.lora_rank, lora_alpha=getattr(options, "alpha", first.lora_rank),
+        alpha = getattr(options, "alpha", first.lora_rank)
+        extra: dict[str, Any] = {}
+        expert = next((tb.expert_lora for tb in tuned.blocks if tb.expert_lora), ())
+        if expert:
+            # what peft's utils/transformers_weight_conversion.py `_convert_peft_config_moe` makes of the v4
+            # names (methods/moe_lora.py): target_parameters, gate_up_proj at twice the rank and alpha
+            extra["target_parameters"] = [name.removeprefix("experts.") for name, _ in expert]
+            fused = [rank for name, rank in expert if name == "experts.gate_up_proj"]
+            if fused:
+                extra["rank_pattern"] = {r".*\.gate_up_proj": fused[0]}
+                extra["alpha_pattern"] = {r".*\.gate_up_proj": alpha * fused[0] // first.lora_rank}
+        return peft.LoraConfig(r=first.lora_rank, lora_alpha=alpha,
                                lora_dropout=first.lora_dropout, target_modules=targets, task_type=task,
-                               use_dora=first.dora, bias="none")
+                               use_dora=first.dora, bias="none", **extra)
     if m == "ia3":
         targets = _linear_paths(model, tuned, lambda t: t.ia3 is not None)
         ff = _linear_paths(model, tuned, lambda t: t.ia3 == "in")
@@ -642,7 +655,7 @@ def build_meta(arch: ModelArch, method: str, options: Any = None, training: Trai
     tuned = get_method(method).build(arch, opts, training)
     if trainer.adapt is not None:
         tuned = trainer.adapt(tuned, training)
-    impl, note = attn_implementation(training, device)
+    impl, note = attn_implementation(training, device, arch.model_type)
     notes = [note] if note else []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

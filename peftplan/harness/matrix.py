@@ -3,10 +3,12 @@
 Every registered method, on two model sizes (a tiny llama-family config, and a real ~1B config from
 the catalog; BitFit needs biases, so it runs on a tiny GPT-2 and Qwen2.5-0.5B), with gradient
 checkpointing on and off (prefix tuning refuses checkpointing) and eager / SDPA attention on the tiny
-model; plus Llama-3-8B for LoRA, QLoRA and full fine-tuning. `peftplan trace --matrix ci --out-dir DIR`
-writes one record per entry (records.write_record); `peftplan check DIR` re-predicts each with the
-engine. A trace costs ~0.3 ms per aten op on this tracer (fake tensors), so time grows with layers and
-steps, not with model size: the CI matrix runs in ~2-3 minutes on 2 cores with 2 worker processes.
+model; plus Llama-3-8B for LoRA, QLoRA and full fine-tuning; plus tiny Qwen3, Gemma 3, OLMo 2,
+SmolLM3, Mixtral, Qwen3-MoE and gpt-oss configs (TINY_MODERN, TINY_MOE), full fine-tuning and LoRA.
+`peftplan trace --matrix ci --out-dir DIR` writes one record per entry (records.write_record);
+`peftplan check DIR` re-predicts each with the engine. A trace costs ~0.3 ms per aten op on this tracer
+(fake tensors), so time grows with layers and steps, not with model size: the CI matrix runs in ~2-3
+minutes on 2 cores with 2 worker processes.
 
 Known engine deviations are marked `xfail` with the reason (written into the record as "xfail"):
 `check` lists them as known deviations, never skips them silently, and reports a known deviation that
@@ -30,7 +32,37 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 1000, "n_embd": 128, "n_head": 4, "n_layer": 2, "n_positions": 256}
-TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2}
+# The 2025 dense families (arch_modern.py) at small width: q/k norms, gemma3's sliding/global layers with a
+# sequence past the window (materialised sliding mask), olmo2's post-norms, smollm3's NoPE fourth layer
+TINY_MODERN = {
+    "tiny-qwen3": {"model_type": "qwen3", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 512, "num_hidden_layers": 2},
+    "tiny-gemma3": {"model_type": "gemma3_text", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+                    "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
+    "tiny-olmo2": {"model_type": "olmo2", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                   "num_key_value_heads": 4, "intermediate_size": 512, "num_hidden_layers": 2, "pad_token_id": 0,
+                   "eos_token_id": 1},
+    "tiny-smollm3": {"model_type": "smollm3", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "intermediate_size": 512, "num_hidden_layers": 4, "pad_token_id": 0,
+                     "bos_token_id": 1, "eos_token_id": 2},
+}
+# MoE (arch_moe.py): fused experts through grouped_mm; LoRA all-linear reaches them through peft's
+# target_parameters (ParamWrapper). Full fine-tuning runs in bf16: fp32 experts do not trace (grouped_mm's meta
+# kernel takes bf16 only).
+TINY_MOE = {
+    "tiny-mixtral": {"model_type": "mixtral", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "intermediate_size": 512, "num_hidden_layers": 2,
+                     "num_local_experts": 4, "num_experts_per_tok": 2},
+    "tiny-qwen3moe": {"model_type": "qwen3_moe", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                      "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 512,
+                      "moe_intermediate_size": 128, "num_hidden_layers": 2, "num_experts": 8,
+                      "num_experts_per_tok": 2, "norm_topk_prob": True},
+    "tiny-gptoss": {"model_type": "gpt_oss", "vocab_size": 1000, "hidden_size": 256, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
+}
+TINY_MODELS = {"tiny-llama": TINY_LLAMA, "tiny-gpt2": TINY_GPT2, **TINY_MODERN, **TINY_MOE}
 NO_CKPT = {"prefix"}  # peft refuses prefix tuning with gradient checkpointing
 NEEDS_BIAS = {"bitfit"}  # llama-family linears have no biases
 
@@ -84,6 +116,18 @@ def _tiny_entries() -> list[MatrixEntry]:
     out.append(MatrixEntry("tiny-llama", "qlora", {"micro_batch": 2, "seq_len": 64}, {"kbit_prep": False}))
     out.append(MatrixEntry("tiny-llama", "lora", {"micro_batch": 2, "seq_len": 64, "precision": "fp32"}))
     out.append(MatrixEntry("tiny-llama", "full", {"micro_batch": 2, "seq_len": 64, "optimizer_impl": "foreach"}))
+    for model in TINY_MODERN:
+        for method, ckpt in (("full", False), ("lora", False), ("lora", True)):
+            out.append(MatrixEntry(model, method, {"micro_batch": 2, "seq_len": 64, "grad_ckpt": ckpt},
+                                   {"targets": "all-linear"} if method == "lora" else {}))
+    for model in TINY_MOE:
+        for method, training, options in (
+                ("lora", {"grad_ckpt": False}, {"targets": "all-linear"}),
+                ("lora", {"grad_ckpt": True}, {"targets": "all-linear"}),
+                ("lora", {"grad_ckpt": False}, {"targets": "q_proj,v_proj"}),
+                ("qlora", {"grad_ckpt": False}, {"targets": "all-linear", "kbit_prep": False}),
+                ("full", {"grad_ckpt": False, "precision": "bf16"}, {})):
+            out.append(MatrixEntry(model, method, {"micro_batch": 2, "seq_len": 64, **training}, options))
     return out
 
 
@@ -128,6 +172,8 @@ def _trl_entries() -> list[MatrixEntry]:
 # Known deviations of the engine from the real step, found by this matrix; measured 2026-11-24 01:05 UTC.
 # Keyed by entry id; the reason names the component that differs.
 XFAIL: dict[str, str] = {
+    'tiny-gptoss_lora_b2s64_sdpa_ckpt_targets-all-linear':
+        "engine under-predicts -1.87% (gradient checkpointing) on tiny gpt-oss: saved_activations and temporaries short of the trace at the peak inside the experts' backward recompute; undiagnosed (gpt-oss-20b at real width, 2 layers, b1 s256/s1024 with checkpointing: +0.000%/+0.001%)",
     'llama3.2-1b_ia3_b1s256_sdpa_ckpt':
         "engine over-predicts +4.65% (gradient checkpointing) with IA3: saved_activations above the trace; undiagnosed (suspect the (IA)3 scaling mul's saved input counted twice around the checkpoint recompute)",
     'tiny-llama_ia3_b2s64_sdpa_ckpt':

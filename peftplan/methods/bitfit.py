@@ -23,6 +23,10 @@ class BitFitOptions:
 def build(arch: ModelArch, options: BitFitOptions, training: Training) -> TunedModel:
     # Trainable biases live in the same modules as frozen weights: the model is loaded in the trainable
     # dtype (fp32 master weights under mixed precision), as for full fine-tuning.
+    if any(b.moe is not None and b.moe.bias for b in arch.blocks):
+        # gpt-oss: the router and expert biases are MoE parameters (arch_moe.py) that the engine trains only
+        # together with the other non-linear block tensors; refusing beats estimating the wrong trainable set
+        raise MethodError(f"{arch.name}: BitFit on MoE expert/router biases is not modelled (gpt-oss)")
     base = uniform_model(arch, "bitfit", training.trainable_dtype, trainable=False)
     blocks = tuple(
         replace(b, linears=tuple(replace(t, bias_trainable=t.linear.bias) for t in b.linears),

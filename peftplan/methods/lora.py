@@ -14,6 +14,7 @@ from ..arch import ModelArch
 from ..training import Training
 from ..tuned import TunedLinear, TunedModel
 from .base import MethodError, MethodSpec, register
+from .moe_lora import moe_v4_names, split_targets
 from .common import ADAPTER_DTYPE, frozen_base_dtype, replace_blocks, resolve_targets, targeted, uniform_model
 
 # peft utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (peft 0.21.2)
@@ -21,7 +22,8 @@ LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "gpt2": ["c_attn"], "bloom": ["query_key_value"],
     "opt": ["q_proj", "v_proj"], "bert": ["query", "value"], "roberta": ["query", "value"],
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
 }
 
 
@@ -39,7 +41,10 @@ def validate_lora(arch: ModelArch, options: LoraOptions) -> tuple[str, ...]:
         raise MethodError(f"rank must be a positive integer, got {options.rank!r}")
     if not 0.0 <= options.dropout < 1.0:
         raise MethodError(f"dropout must be in [0, 1), got {options.dropout!r}")
-    targets = resolve_targets(arch, options.targets, LORA_DEFAULT_TARGETS, "LoRA")
+    mapped, rest = moe_v4_names(arch, options.targets)  # MoE: router/expert names peft maps to parameters
+    if mapped and not rest:
+        return mapped
+    targets = resolve_targets(arch, rest if mapped else options.targets, LORA_DEFAULT_TARGETS, "LoRA") + mapped
     for block in arch.blocks[:1] + arch.blocks[-1:]:
         for lin in block.linears:
             if targeted(lin, targets) and options.rank > min(lin.in_features, lin.out_features):
@@ -65,6 +70,9 @@ def lora_model(base: TunedModel, options: LoraOptions, targets: tuple[str, ...],
     if training is not None and training.mixed and training.shard in ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid"):
         fwd = training.compute_dtype
 
+    # MoE models: peft moves the router / expert targets to `target_parameters` (methods/moe_lora.py)
+    targets, expert_targets = split_targets(base.arch, options.targets, targets, options.rank, options.dropout, dora)
+
     def wrap(_: int, tb):  # type: ignore[no-untyped-def]
         linears = tuple(
             replace(t, lora_rank=options.rank, lora_dtype=ADAPTER_DTYPE, lora_dropout=options.dropout, dora=dora,
@@ -72,6 +80,8 @@ def lora_model(base: TunedModel, options: LoraOptions, targets: tuple[str, ...],
             if targeted(t.linear, targets) else t
             for t in tb.linears
         )
+        if tb.block.moe is not None and expert_targets:
+            return replace(tb, linears=linears, expert_lora=expert_targets, expert_lora_dtype=ADAPTER_DTYPE)
         return replace(tb, linears=linears)
 
     return replace(replace_blocks(base, wrap), method=method)
