@@ -30,6 +30,9 @@ class Quant:
     double_quant: bool
     blocksize: int = 64  # bitsandbytes Linear4bit / quantize_4bit default blocksize (QLoRA paper: 64)
     dq_blocksize: int = 256  # bitsandbytes quantize_blockwise(absmax, blocksize=256) for nested stats
+    # bnb_4bit_compute_dtype (transformers sets it to the load dtype): Linear4bit.forward casts its input to
+    # it and MatMul4Bit runs in it, whatever dtype the activations have (bitsandbytes nn/modules.py)
+    compute_dtype: DType | None = None
 
 
 @dataclass(frozen=True)

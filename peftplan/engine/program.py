@@ -19,12 +19,16 @@ from ..tuned import BottleneckAdapter, TunedBlock, TunedLinear, TunedModel
 from .autograd import Param
 from . import ops
 from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, promote, scale
-from .sim import Tensor
+from .sim import Tensor, rounded
 from .program_modern import modern_block_forward
 from ..arch_modern import BUILDERS as _MODERN_BUILDERS
 from ..arch_moe import BUILDERS as _MOE_BUILDERS
 
 MODERN_TYPES = frozenset(_MODERN_BUILDERS) | frozenset(_MOE_BUILDERS)
+# bitsandbytes 0.50.2 on CUDA: gemm_4bit runs a fused kernel up to this many rows; above, it dequantizes the
+# weight and calls F.linear (bitsandbytes/backends/cuda/ops.py `_gemm_4bit_custom_max_m`)
+BNB_GEMM_4BIT_CUSTOM_MAX_M = 1536
+BNB_4BIT_BLOCKSIZE = 64  # bnb 4-bit quantization block (functional.quantize_4bit blocksize=64)
 
 
 @dataclass(eq=False)
@@ -175,18 +179,31 @@ def _ia3_scaling(ctx: Ctx, lp: LinearParams) -> Tensor:
 
 
 def _quantized_base(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
-    """bnb Linear4bit: x.to(compute dtype); linear with a dequantized weight temp; .to(input dtype)."""
+    """bnb Linear4bit: x.to(compute dtype); gemm_4bit; .to(input dtype).
+
+    On CUDA, bitsandbytes 0.50.2's gemm_4bit runs a fused kernel up to BNB_GEMM_4BIT_CUSTOM_MAX_M rows and
+    above it dequantizes the weight (and, with double quantization, the absmax: two fp32 vectors) for
+    F.linear, alive with the output (backends/cuda/ops.py `_gemm_4bit_custom_max_m`). LLM.int8 always
+    dequantizes (the CPU-traceable MatMul8bitFp path)."""
     tape = ctx.tape
-    lin = lp.tuned.linear
-    compute = ctx.autocast or x.dtype
+    t = lp.tuned
+    lin = t.linear
+    four_bit = t.quant is not None and t.quant.kind != "int8"
+    compute = (t.quant.compute_dtype if four_bit and t.quant.compute_dtype else None) or ctx.autocast or x.dtype
     xc = cast(ctx, x, compute)
-    deq = tape.new(lin.weight_numel, compute, False, "dequantized_weight")
+    temps = []
+    if t.quant is None or t.quant.kind == "int8" or ctx.tokens > BNB_GEMM_4BIT_CUSTOM_MAX_M:
+        if t.quant is not None and t.quant.kind != "int8" and t.quant.double_quant:
+            blocks = -(-lin.weight_numel // BNB_4BIT_BLOCKSIZE)
+            temps += [tape.new(blocks, FP32, False, "absmax_dq"), tape.new(blocks, FP32, False, "absmax")]
+        temps.append(tape.new(lin.weight_numel, compute, False, "dequantized_weight"))
+    deq_bytes = rounded(compute.bytes_for(lin.weight_numel))
     out = tape.new(ctx.tokens * lin.out_features, compute, xc.requires_grad, "linear4bit")
     # bitsandbytes gemm_4bit forward; MatMul4Bit.backward computes grad_A only (frozen packed weight)
     count_matmul(2 * xc.numel * lin.out_features, xc.requires_grad, False)
     # MatMul4Bit saves only the packed weight (already counted); its backward dequantizes again.
-    tape.record("matmul_4bit", [xc], [out], [], backward_scratch=deq.nbytes)
-    tape.drop(deq, xc)
+    tape.record("matmul_4bit", [xc], [out], [], backward_scratch=deq_bytes)
+    tape.drop(*temps, xc)
     result = cast(ctx, out, x.dtype)
     tape.drop(out)
     return result

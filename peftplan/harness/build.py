@@ -34,9 +34,7 @@ TORCH_DTYPES = {FP32.name: torch.float32, BF16.name: torch.bfloat16, FP16.name: 
 AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
                 "masked-lm": "AutoModelForMaskedLM"}
 PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq2seq-lm": "SEQ_2_SEQ_LM", "masked-lm": None}
-# bitsandbytes on CUDA: up to this many rows gemm_4bit runs a fused kernel, above it dequantizes the
-# weight and calls F.linear (bitsandbytes/backends/cuda/ops.py `_gemm_4bit_custom_max_m`, 0.50.2).
-BNB_GEMM_4BIT_CUSTOM_MAX_M = 1536
+from ..engine.program import BNB_GEMM_4BIT_CUSTOM_MAX_M  # noqa: E402,F401  (the engine and the tracer share it)
 
 
 def torch_dtype(d: DType) -> torch.dtype:

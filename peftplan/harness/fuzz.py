@@ -122,6 +122,15 @@ def _t(case: FuzzCase, key: str, default: Any = None) -> Any:
 # Every class names its cause and its measured size; a deviation outside these fails the fuzz test.
 KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
     KnownDeviation(
+        "llm-int8-cpu-path",
+        "QLoRA with LLM.int8 bases: the CPU trace runs bitsandbytes' MatMul8bitFp (weight dequantized, the input "
+        "saved in its own dtype) where CUDA runs MatMul8bitLt (int8 matmul with outlier decomposition, whose "
+        "activations depend on the data); the engine keeps the CUDA-side assumption, so neither side is the GPU "
+        "step: wait for a GPU profile before fitting either",
+        "-1.0% to -1.3% (llama3-8b, 2 layers, fp32, b3 s123; fuzz seed 33, 2026-12-02)",
+        lambda c: c.method == "qlora" and c.options.get("quant") == "int8",
+    ),
+    KnownDeviation(
         "gpt2-family-dropout",
         "GPT-2 / OPT style models with dropout in the attention and residual paths: the tracer emulates "
         "CUDA's fused dropout (bool masks); the engine's dropout-mask lifetimes differ around the attention "

@@ -172,40 +172,6 @@ def _trl_entries() -> list[MatrixEntry]:
 # Known deviations of the engine from the real step, found by this matrix; measured 2026-11-24 01:05 UTC.
 # Keyed by entry id; the reason names the component that differs.
 XFAIL: dict[str, str] = {
-    'tiny-gptoss_lora_b2s64_sdpa_ckpt_targets-all-linear':
-        "engine under-predicts -1.87% (gradient checkpointing) on tiny gpt-oss: saved_activations and temporaries short of the trace at the peak inside the experts' backward recompute; undiagnosed (gpt-oss-20b at real width, 2 layers, b1 s256/s1024 with checkpointing: +0.000%/+0.001%)",
-    'llama3.2-1b_ia3_b1s256_sdpa_ckpt':
-        "engine over-predicts +4.65% (gradient checkpointing) with IA3: saved_activations above the trace; undiagnosed (suspect the (IA)3 scaling mul's saved input counted twice around the checkpoint recompute)",
-    'tiny-llama_ia3_b2s64_sdpa_ckpt':
-        "engine over-predicts +9.3% (gradient checkpointing) with IA3: saved_activations above the trace; undiagnosed (suspect the (IA)3 scaling mul's saved input counted twice around the checkpoint recompute)",
-    'tiny-llama_ia3_b2s64_eager_ckpt':
-        "engine over-predicts +9.2% (gradient checkpointing) with IA3: saved_activations above the trace; undiagnosed (suspect the (IA)3 scaling mul's saved input counted twice around the checkpoint recompute)",
-    'tiny-gpt2_ia3_b2s64_sdpa_nockpt':
-        "engine over-predicts +7.7% (GPT-2 Conv1D) with IA3: saved_activations above the trace; undiagnosed (suspect the (IA)3 scaling mul's saved input counted twice around the checkpoint recompute)",
-    'tiny-gpt2_adapter_b2s64_sdpa_nockpt':
-        "engine under-predicts -1.05% on tiny GPT-2 after the tracer's CUDA-dropout emulation (bool masks): saved_activations short of the trace; undiagnosed (suspect the eager/ckpt attention-dropout path)",
-    'tiny-gpt2_lora_b2s64_sdpa_nockpt':
-        "engine under-predicts -1.25% on tiny GPT-2 after the tracer's CUDA-dropout emulation (bool masks): saved_activations short of the trace; undiagnosed (suspect the eager/ckpt attention-dropout path)",
-    'tiny-gpt2_bitfit_b2s64_eager_nockpt':
-        "engine under-predicts -1.70% on tiny GPT-2 after the tracer's CUDA-dropout emulation (bool masks): saved_activations short of the trace; undiagnosed (suspect the eager/ckpt attention-dropout path)",
-    'tiny-gpt2_bitfit_b2s64_sdpa_ckpt':
-        "engine under-predicts -3.50% (gradient checkpointing) on tiny GPT-2 after the tracer's CUDA-dropout emulation (bool masks): saved_activations short of the trace; undiagnosed (suspect the eager/ckpt attention-dropout path)",
-    'tiny-gpt2_bitfit_b2s64_eager_ckpt':
-        "engine under-predicts -4.66% (gradient checkpointing) on tiny GPT-2 after the tracer's CUDA-dropout emulation (bool masks): saved_activations short of the trace; undiagnosed (suspect the eager/ckpt attention-dropout path)",
-    # trainer trl (measured 2026-12-02 02:25 UTC): each deviation is the bare step's own, exposed because TRL's
-    # fused head removes the logits peak that hid it (the same configs under trainer hf: see the comments)
-    'tiny-llama_ia3_b2s64_sdpa_ckpt_trl':
-        "engine over-predicts +2.69% (gradient checkpointing) with IA3: the known IA3 checkpoint deviation above",
-    'llama3.2-1b_ia3_b1s256_sdpa_ckpt_trl':
-        "engine over-predicts +4.70% (gradient checkpointing) with IA3: the known IA3 checkpoint deviation above",
-    'llama3.2-1b_dora_b1s256_sdpa_ckpt_trl':
-        "engine under-predicts -1.74%: DoRA's forward peak (last layer's q_proj, temporaries -39 MiB); the bare "
-        "step's forward phase is short by 63 MiB too (no checkpointing: engine 3,134,447,616 vs traced "
-        "3,200,600,576 B), hidden there by the logits peak in backward; undiagnosed (suspect the DoRA weight-norm temporaries)",
-    'llama3.2-1b_ptuning_b1s256_sdpa_ckpt_trl':
-        "engine over-predicts +3.29%: the P-tuning MLP's three weights are one engine Param used three times, so "
-        "its gradient accumulates out of place (grads +96 MiB at the end of backward, where TRL's step peaks); "
-        "the bare step peaks at the logits instead",
 }
 
 

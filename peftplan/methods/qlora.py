@@ -46,7 +46,7 @@ def build(arch: ModelArch, options: QLoraOptions, training: Training) -> TunedMo
     keep = FP32 if options.kbit_prep else load  # prepare_model_for_kbit_training upcasts non-quantized params
     base = uniform_model(arch, "qlora", keep, trainable=False)
     storage = {"nf4": NF4, "fp4": FP4, "int8": INT8}[options.quant]
-    quant = Quant(kind=options.quant, double_quant=options.double_quant)
+    quant = Quant(kind=options.quant, double_quant=options.double_quant, compute_dtype=load)
 
     def quantize(_: int, tb):  # type: ignore[no-untyped-def]
         linears = tuple(
