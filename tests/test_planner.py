@@ -174,7 +174,8 @@ def test_multi_gpu_is_noted_and_errors_are_user_errors() -> None:
 def test_sharded_configs_fall_back_to_estimate_once_the_engine_shards(monkeypatch: pytest.MonkeyPatch) -> None:
     """n_gpus and shard reach estimate(); when estimate() models sharding (simulated here), the fast
     path, which records one GPU's step, is not used for those configurations."""
-    import peftplan.planner as planner
+    import peftplan.planner.evaluator as planner
+    import peftplan.planner.search as search
     from peftplan.training import Training
 
     seen: list[Training] = []
@@ -185,7 +186,7 @@ def test_sharded_configs_fall_back_to_estimate_once_the_engine_shards(monkeypatc
         return real(arch, method, training, gpu, options)
 
     monkeypatch.setattr(planner, "estimate", spy)
-    monkeypatch.setattr(planner, "sharding_modelled", lambda *a, **k: True)
+    monkeypatch.setattr(search, "sharding_modelled", lambda *a, **k: True)
     arch = load_model("gpt2")
     kw = dict(methods=["lora"], ranks=(8,), micro_batches=(1, 2), attentions=("sdpa",), optimizers=("adamw",),
               seq_sweep=(256, 512))

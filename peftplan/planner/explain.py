@@ -1,0 +1,125 @@
+"""The plain-words explanation of a plan: why the first row wins, or what would make something fit."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..arch import ModelArch
+from ..catalog import GPU, gpu_catalog
+from ..estimate import overheads
+from ..methods import MethodError
+from ..training import TrainingError
+from ..units import fmt_count, fmt_gib
+from .evaluator import Evaluator
+from .space import MethodLimit, PlanConfig, PlanRow, Variant
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+
+def _what_would_fit(ev: Evaluator, arch: ModelArch, gpu: GPU, closest: list[PlanRow], limits: list[MethodLimit],
+                    seq: int, chosen: list[str], precision: str, n_gpus: int = 1, modelled: bool = False) -> str:
+    parts: list[str] = []
+    if closest:
+        cheapest = closest[0]
+        need = (f"a GPU with at least {fmt_gib(cheapest.device_total_bytes)} for the least memory-hungry "
+                f"configuration ({cheapest.config.label})")
+        bigger = sorted((g for g in gpu_catalog().values() if g.memory_bytes > gpu.memory_bytes),
+                        key=lambda g: (g.memory_bytes, g.name))
+        for g in bigger:
+            row = ev.fits_on(cheapest.config, g)
+            if row.fits:
+                parts.append(f"{need}: it fits on the {g.name} ({fmt_gib(g.memory_bytes)}, "
+                             f"{fmt_gib(row.device_total_bytes)} needed there)")
+                break
+        else:
+            parts.append(f"{need}, more than any single GPU in the catalog")
+    shorter = [lim for lim in limits if lim.max_seq_len is not None and lim.max_seq_len < seq]
+    if shorter:
+        top = max(shorter, key=lambda lim: (lim.max_seq_len or 0, lim.max_seq_row.headroom_bytes if lim.max_seq_row else 0))
+        assert top.max_seq_row is not None
+        parts.append(f"a shorter sequence fits: {top.max_seq_row.config.label} "
+                     f"({fmt_gib(top.max_seq_row.device_total_bytes)} of {fmt_gib(gpu.memory_bytes)})")
+    if "qlora" not in chosen:
+        try:
+            v = Variant("qlora", (("double_quant", True), ("quant", "nf4"), ("rank", ev.ranks[0])))
+            cfg = PlanConfig(v, 1, seq, True, "sdpa", "paged-adamw-8bit", precision,
+                             n_gpus, closest[0].config.shard if closest else ("ddp" if n_gpus > 1 else "none"))
+            row = ev.evaluate(cfg, gpu)
+            parts.append(f"QLoRA ({row.config.label}) would need {fmt_gib(row.device_total_bytes)}"
+                         + (" and fits" if row.fits else ""))
+        except MethodError:
+            pass
+    if closest:
+        cheapest = closest[0]
+        if modelled:  # estimate() shards: try more GPUs with ZeRO-3 (directly estimated)
+            for n in (2, 4, 8, 16, 32, 64):
+                if n <= n_gpus:
+                    continue
+                try:
+                    row = ev.evaluate(replace(cheapest.config, n_gpus=n, shard="zero3"), gpu)
+                except (MethodError, TrainingError):
+                    break
+                if row.fits:
+                    parts.append(f"{n} x {gpu.name} with ZeRO-3 fit {cheapest.config.variant.label} "
+                                 f"({fmt_gib(row.device_total_bytes)} per GPU)")
+                    break
+        else:
+            parts.append("more GPUs would shard the weights, gradients and optimizer state (ZeRO-3/FSDP), "
+                         "but estimate() does not model multi-GPU sharding yet")
+    return "; ".join(parts) if parts else "nothing in the searched space fits"
+
+
+def _explain(fitting: list[PlanRow], closest: list[PlanRow], gpu: GPU, tokens: int | None, price: float | None,
+             suggestion: str | None) -> str:
+    cap = fmt_gib(gpu.memory_bytes)
+    if not fitting:
+        if not closest:
+            return f"Nothing could be evaluated on {gpu.name}."
+        c = closest[0]
+        return (f"Nothing fits on {gpu.name} ({cap}): the least memory-hungry configuration, {c.config.label}, "
+                f"needs {fmt_gib(c.device_total_bytes)} on the device ({fmt_gib(c.peak_allocated_bytes)} allocated "
+                f"at the peak plus the CUDA context). To make it fit: {suggestion}.")
+    best = fitting[0]
+    b = best.config
+    text = (f"{b.variant.label} with micro-batch {b.micro_batch}, gradient checkpointing "
+            f"{'on' if b.grad_ckpt else 'off'}, {b.attention} attention and {b.optimizer} ranks first")
+    if best.tokens_per_s is not None:
+        text += f" at {best.tokens_per_s:,.0f} tokens/s"
+    text += (f": it needs {fmt_gib(best.device_total_bytes)} of {gpu.name}'s {cap}, leaving "
+             f"{fmt_gib(best.headroom_bytes)} of headroom")
+    pct = 100.0 * best.trainable_params / best.total_params if best.total_params else 0.0
+    text += f", and trains {fmt_count(best.trainable_params)} parameters ({pct:.3g}% of {fmt_count(best.total_params)})."
+    other = next((r for r in fitting[1:] if r.config.variant.method != b.variant.method), None)
+    if other is None:
+        other = fitting[1] if len(fitting) > 1 else None
+    if other is not None and best.tokens_per_s and other.tokens_per_s:
+        gain = 100.0 * (best.tokens_per_s / other.tokens_per_s - 1)
+        text += (f" The runner-up, {other.config.variant.label} (batch {other.config.micro_batch}, ckpt "
+                 f"{'on' if other.config.grad_ckpt else 'off'}, {other.config.attention}, {other.config.optimizer}), "
+                 f"reaches {other.tokens_per_s:,.0f} tokens/s ({gain:+.1f}% for the winner)"
+                 f" with {fmt_gib(other.headroom_bytes)} of headroom and {fmt_count(other.trainable_params)} "
+                 "trainable parameters.")
+        if b.grad_ckpt is False and other.config.grad_ckpt:
+            text += " Skipping checkpointing avoids recomputing every layer's forward (about a third more FLOPs)."
+    elif other is None:
+        text += " It is the only configuration that fits."
+    if tokens is not None and best.train_time_s is not None:
+        text += f" Training on {tokens:,} tokens takes about {_fmt_duration(best.train_time_s)}"
+        text += f" (${best.train_cost_usd:,.2f} at ${price:.2f}/h)." if best.train_cost_usd is not None and price else "."
+    if best.tokens_per_s is None:
+        text += (f" {gpu.name} has no throughput figures in the catalog: configurations are ranked by FLOPs per "
+                 f"token ({best.flops_per_step / (b.micro_batch * b.seq_len) / 1e9:,.1f} GFLOP per token here).")
+    else:
+        text += (f" Throughput assumes {float(overheads()['matmul_utilization']['value']):.0%} of the GPU's dense "
+                 "peak and is linear in micro-batch, so ties are broken by the larger micro-batch.")
+    return text
+
