@@ -151,6 +151,16 @@ def _quantized_base(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
     out = tape.new(ctx.tokens * lin.out_features, compute, xc.requires_grad, "linear4bit")
     # bitsandbytes gemm_4bit forward; MatMul4Bit.backward computes grad_A only (frozen packed weight)
     count_matmul(2 * xc.numel * lin.out_features, xc.requires_grad, False)
+    # bitsandbytes backends/cuda/ops.py gemm_4bit: for M > 1536 rows (and most training shapes below)
+    # `dequantize_4bit` then F.linear; MatMul4Bit.backward dequantizes again for grad_A. The dequant
+    # kernel reads the packed weight and its absmax, writes the weight in the compute dtype.
+    q = lp.tuned.quant
+    absmax = -(-lin.weight_numel // q.blocksize) * (1 if q.double_quant else 4) if q.kind != "int8" else 4 * lin.out_features
+    deq_bytes = lin.weight_numel * (8 if q.kind == "int8" else 4) // 8 + absmax + ops.tensor_bytes(deq)
+    ops.log_kernel("dequant", "forward", deq_bytes)
+    ops.log_matmul(ctx.tokens, lin.out_features, lin.in_features, compute, xc.requires_grad, False)
+    if xc.requires_grad:
+        ops.log_kernel("dequant", "backward", deq_bytes)
     # MatMul4Bit saves only the packed weight (already counted); its backward dequantizes again.
     tape.record("matmul_4bit", [xc], [out], [], backward_scratch=deq.nbytes)
     tape.drop(deq, xc)
@@ -230,6 +240,12 @@ def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lora_result: Tensor, lp: Linear
     count_matmul(2 * lin.in_features * lin.in_features * lp.tuned.lora_rank
                  + 2 * lin.in_features * lp.tuned.lora_rank * lin.out_features, False, False)
     wdt = x.dtype if x.dtype.bits >= 16 else FP32
+    r = lp.tuned.lora_rank
+    ops.log_matmul(lin.in_features, r, lin.in_features, wdt, False, False)
+    ops.log_matmul(lin.in_features, lin.out_features, r, wdt, False, False)
+    # get_weight_norm over out x in: lora_weight.T written (1), W.to(x.dtype) read + written (2),
+    # scaling * lora_weight read + written (2), W + that read twice + written (3), the norm reads it (1)
+    ops.log_kernel("dora", "forward", 9 * lin.weight_numel * wdt.bits // 8)
     lora_weight = tape.new(lin.weight_numel, wdt, False, "dora_lora_weight")
     weight = tape.new(lin.weight_numel, wdt, False, "dora_weight")
     summed = tape.new(lin.weight_numel, wdt, False, "dora_w_plus_ba")
@@ -360,6 +376,9 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
             c.forward += 2 * bmm
             c.backward_input += bmm * (int(qc.requires_grad) + int(kr.requires_grad)
                                        + int(qc.requires_grad or kr.requires_grad) + int(vr.requires_grad))
+            # per (batch, head): scores = q (T x hd) @ k^T (hd x S); out = probs (T x S) @ v (S x hd)
+            ops.log_matmul(T, kv_tokens, hd, dt, qc.requires_grad, kr.requires_grad, B * H)
+            ops.log_matmul(T, hd, kv_tokens, dt, qc.requires_grad or kr.requires_grad, vr.requires_grad, B * H)
         masked = tape.new(scores.numel, dt, rg, "masked_scores")
         tape.record("add_mask", [scores], [masked], [])
         tape.drop(scores)
@@ -403,6 +422,13 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         c.forward += 2 * bmm
         if is_causal:
             c.causal_forward += 2 * bmm
+        # the fused kernel reads q, k, v (and the mask), writes out and the logsumexp; its backward
+        # reads those and dout, writes dq, dk, dv; a causal kernel skips the masked half of the FLOPs
+        io = sum(ops.tensor_bytes(t) for t in (qc, kc, vc, out, lse)) + (ops.tensor_bytes(mask) if mask is not None else 0)
+        work = bmm // 2 if is_causal else bmm
+        c.kernels.append(("attn", "forward", 2 * work, io, dt.name))
+        if rg:
+            c.kernels.append(("attn", "backward", 5 * work, 2 * io, dt.name))
         if rg:
             c.backward_input += 5 * bmm
             if is_causal:

@@ -16,13 +16,14 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
 
     fits = bool(result.rows)
     title = (f"{result.model} on {result.gpu.name} ({fmt_gib(result.gpu.memory_bytes)}), seq {result.seq_len}: "
-             + ("configurations that fit, fastest first" if fits else "nothing fits; least memory first"))
+             + (f"configurations that fit, by {result.objective} ('=' ties with the row above)" if fits
+                else "nothing fits; least memory first"))
     from rich.text import Text
 
     table = Table(title=Text(title))  # a model name is a user string: never rich markup
     for col, just in (("#", "right"), ("method", "left"), ("batch", "right"), ("ckpt", "left"), ("attn", "left"),
                       ("optimizer", "left"), ("device memory", "right"), ("headroom", "right"),
-                      ("tokens/s", "right"), ("trainable", "right")):
+                      ("tokens/s", "right"), ("quality prior", "right"), ("trainable", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     if result.n_gpus > 1:
         table.add_column(f"x{result.n_gpus} GPUs", justify="left")
@@ -42,9 +43,12 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
             break
     for i, r in enumerate(shown, 1):
         c = r.config
-        cells = [str(i), c.variant.label, str(c.micro_batch), "on" if c.grad_ckpt else "off", c.attention, c.optimizer,
+        batch = str(c.micro_batch) + (f" x{c.grad_accum}" if c.grad_accum > 1 else "")
+        cells = [("=" if r.tie and i > 1 else "") + str(i), c.variant.label, batch, "on" if c.grad_ckpt else "off",
+                 c.attention, c.optimizer,
                  fmt_gib(r.device_total_bytes), fmt_gib(r.headroom_bytes) if r.fits else "does not fit",
-                 f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "-", fmt_count(r.trainable_params)]
+                 f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "-",
+                 f"{r.quality:.3f}" if r.quality is not None else "?", fmt_count(r.trainable_params)]
         if result.n_gpus > 1:
             cells.append(c.shard)
         if result.tokens is not None:
@@ -76,6 +80,10 @@ def print_plan(result: PlanResult, limit: int = 15, distinct: bool = True) -> No
     if result.limits:
         console.print(lim)
     console.print(Text("why: " if result.rows else "") + Text(result.explanation))
+    if result.rows:
+        console.print(Text("quality prior: GSM8K accuracy of the method family in PEFT's MetaMathQA comparison "
+                           "(Llama-3.2-3B), adjusted by the QLoRA and LoRA papers; sources in "
+                           "peftplan/data/quality_prior.json", style="dim"))
     for n in result.notes:
         console.print(Text(f"note: {n}", style="dim"))
     for what, why in result.skipped:

@@ -8,11 +8,13 @@ from typing import Any, Sequence
 
 from ..arch import ModelArch
 from ..catalog import GPU
+from ..engine import roofline
 from ..estimate import Estimate, estimate, overheads, _reserved
 from ..methods import MethodError
 from ..training import Training, TrainingError
 from .cache import _disk_load, _disk_save
 from .replay import _FAST_OPTIMIZERS, _NotExact, _Structure
+from .replay_time import trainable_bytes_at
 from .space import LORA_LIKE, RANKS, PlanConfig, PlanRow, PlanStats, Variant
 
 _STRUCT_CACHE: dict[tuple[Any, ...], tuple[ModelArch, _Structure]] = {}
@@ -43,21 +45,26 @@ class Evaluator:
     def _use_fast(self, s: "_Structure", config: PlanConfig) -> bool:
         return self.fast and s.exact and (self.sharded_fast or not config.sharded)
 
-    def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str) -> _Structure:
+    def _structure_of(self, config: PlanConfig) -> _Structure:
+        return self.structure(config.variant, config.grad_ckpt, config.attention, config.precision,
+                              config.grad_accum > 1)
+
+    def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str,
+                  accumulate: bool = False) -> _Structure:
         base = variant.base
         ranks: tuple[int | None, ...] = self.ranks if variant.method in LORA_LIKE else (None,)
-        key = (id(self.arch), base, ranks, grad_ckpt, attention, precision)
+        key = (id(self.arch), base, ranks, grad_ckpt, attention, precision, accumulate)
         hit = _STRUCT_CACHE.get(key)
         if hit is not None and hit[0] is self.arch:
             return hit[1]
         if len(_STRUCT_CACHE) >= _STRUCT_CACHE_MAX:
             _STRUCT_CACHE.clear()
-        disk_key = (base, ranks, grad_ckpt, attention, precision)
+        disk_key = (base, ranks, grad_ckpt, attention, precision, accumulate)
         s = _disk_load(self.arch, disk_key)
         if s is not None:
             self.stats.structures_loaded += 1
         else:
-            s = _Structure(self.arch, base, ranks, grad_ckpt, attention, precision)
+            s = _Structure(self.arch, base, ranks, grad_ckpt, attention, precision, accumulate)
             if s.models:
                 self.stats.structures_recorded += 1
             _disk_save(self.arch, disk_key, s)
@@ -66,12 +73,12 @@ class Evaluator:
 
     def distrust(self, config: PlanConfig) -> None:
         """Evaluate this configuration's structure with estimate() from now on."""
-        s = self.structure(config.variant, config.grad_ckpt, config.attention, config.precision)
+        s = self._structure_of(config)
         s.exact = False
         s.reason = "disagreed with estimate()"
 
     def _checked(self, config: PlanConfig) -> _Structure:
-        s = self.structure(config.variant, config.grad_ckpt, config.attention, config.precision)
+        s = self._structure_of(config)
         r = config.variant.rank
         if r in s.errors:
             raise MethodError(s.errors[r])
@@ -81,12 +88,12 @@ class Evaluator:
 
     def error(self, config: PlanConfig) -> str | None:
         """Why this configuration cannot be built (MethodError), or None."""
-        s = self.structure(config.variant, config.grad_ckpt, config.attention, config.precision)
+        s = self._structure_of(config)
         return s.errors.get(config.variant.rank)
 
     def effective(self, config: PlanConfig) -> PlanConfig:
         """The configuration estimate() actually runs (QLoRA's kbit prep forces checkpointing)."""
-        s = self.structure(config.variant, config.grad_ckpt, config.attention, config.precision)
+        s = self._structure_of(config)
         return config if config.grad_ckpt == s.grad_ckpt else replace(config, grad_ckpt=s.grad_ckpt)
 
     def evaluate(self, config: PlanConfig, gpu: GPU) -> PlanRow:
@@ -128,14 +135,20 @@ class Evaluator:
         B, T = config.micro_batch, config.seq_len
         peak = s.peak_at(B, T, r, config.optimizer)
         device_total = _device_total(peak)
-        flops = sum(s.flops_at(B, T, r))
-        # the same float arithmetic as estimate() (grad_accum is 1)
-        util = float(overheads()["matmul_utilization"]["value"])
+        accum = config.grad_accum
+        flops = sum(s.flops_at(B, T, r)) * accum
+        # the same roofline and float arithmetic as estimate()
         peak_flops = gpu.peak_for(_compute_dtype(config.precision))
         step_time = tokens_per_s = None
         if peak_flops > 0:
-            step_time = flops / (peak_flops * util)
-            tokens_per_s = B * T * 1 / step_time
+            paged = s.paged_bytes(config.optimizer, r)
+            timing = roofline.step_time(
+                s.kernels.table_at(B, T, r), roofline.rates_for(gpu), grad_accum=accum, optimizer=config.optimizer,
+                optimizer_impl="fused", trainable_bytes=trainable_bytes_at(s.trainables, r),
+                trainable_elements=s.params[config.variant.rank].trainable,
+                paged_bytes_over=min(paged, max(0, device_total + paged - gpu.memory_bytes)) if paged else 0)
+            step_time = timing.step_time_s
+            tokens_per_s = config.n_gpus * (B * T) * accum / step_time  # estimate()'s expression
         p = s.params[config.variant.rank]
         cap = gpu.memory_bytes
         if config.grad_ckpt != s.grad_ckpt:

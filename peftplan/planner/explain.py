@@ -6,11 +6,11 @@ from dataclasses import replace
 
 from ..arch import ModelArch
 from ..catalog import GPU, gpu_catalog
-from ..estimate import overheads
 from ..methods import MethodError
 from ..training import TrainingError
 from ..units import fmt_count, fmt_gib
 from .evaluator import Evaluator
+from .ranking import quality_source, quality_tolerance, speed_of, speed_tolerance
 from .space import MethodLimit, PlanConfig, PlanRow, Variant
 
 
@@ -78,8 +78,26 @@ def _what_would_fit(ev: Evaluator, arch: ModelArch, gpu: GPU, closest: list[Plan
     return "; ".join(parts) if parts else "nothing in the searched space fits"
 
 
+def _setting_words(c: PlanConfig) -> str:
+    accum = f" x {c.grad_accum} accumulated" if c.grad_accum > 1 else ""
+    return (f"micro-batch {c.micro_batch}{accum}, checkpointing {'on' if c.grad_ckpt else 'off'}, "
+            f"{c.attention} attention, {c.optimizer}")
+
+
+def _speed_words(a: PlanRow, b: PlanRow) -> str:
+    """How much faster `a` is than `b`, or that the step-time model cannot tell them apart."""
+    if not (a.tokens_per_s and b.tokens_per_s):
+        return "at a throughput the catalog cannot give"
+    gain = a.tokens_per_s / b.tokens_per_s - 1
+    if abs(gain) <= speed_tolerance():
+        return f"about as fast ({gain:+.0%}, within the step-time model's {speed_tolerance():.0%} error)"
+    return f"{gain:+.0%} tokens/s" if gain < 0 else f"{gain:.0%} faster"
+
+
 def _explain(fitting: list[PlanRow], closest: list[PlanRow], gpu: GPU, tokens: int | None, price: float | None,
-             suggestion: str | None) -> str:
+             suggestion: str | None, objective: str = "quality") -> str:
+    """Why the first row wins, in plain words: its quality prior, speed and memory against the
+    alternatives an expert would weigh (the fastest row, the best-quality row, full fine-tuning)."""
     cap = fmt_gib(gpu.memory_bytes)
     if not fitting:
         if not closest:
@@ -90,28 +108,46 @@ def _explain(fitting: list[PlanRow], closest: list[PlanRow], gpu: GPU, tokens: i
                 f"at the peak plus the CUDA context). To make it fit: {suggestion}.")
     best = fitting[0]
     b = best.config
-    text = (f"{b.variant.label} with micro-batch {b.micro_batch}, gradient checkpointing "
-            f"{'on' if b.grad_ckpt else 'off'}, {b.attention} attention and {b.optimizer} ranks first")
+    text = f"{b.variant.label} ({_setting_words(b)}) ranks first by {objective}"
+    if objective == "quality":
+        if best.quality is not None:
+            text += (f": its method has the highest quality prior of what fits ({best.quality:.3f} GSM8K accuracy "
+                     f"in PEFT's MetaMathQA comparison: {quality_source(b.variant)})")
+        text += ", and it is the fastest configuration of that quality tier"
     if best.tokens_per_s is not None:
         text += f" at {best.tokens_per_s:,.0f} tokens/s"
-    text += (f": it needs {fmt_gib(best.device_total_bytes)} of {gpu.name}'s {cap}, leaving "
-             f"{fmt_gib(best.headroom_bytes)} of headroom")
+    text += (f". It needs {fmt_gib(best.device_total_bytes)} of {gpu.name}'s {cap} ({fmt_gib(best.headroom_bytes)} "
+             "headroom)")
     pct = 100.0 * best.trainable_params / best.total_params if best.total_params else 0.0
-    text += f", and trains {fmt_count(best.trainable_params)} parameters ({pct:.3g}% of {fmt_count(best.total_params)})."
-    other = next((r for r in fitting[1:] if r.config.variant.method != b.variant.method), None)
-    if other is None:
-        other = fitting[1] if len(fitting) > 1 else None
-    if other is not None and best.tokens_per_s and other.tokens_per_s:
-        gain = 100.0 * (best.tokens_per_s / other.tokens_per_s - 1)
-        text += (f" The runner-up, {other.config.variant.label} (batch {other.config.micro_batch}, ckpt "
-                 f"{'on' if other.config.grad_ckpt else 'off'}, {other.config.attention}, {other.config.optimizer}), "
-                 f"reaches {other.tokens_per_s:,.0f} tokens/s ({gain:+.1f}% for the winner)"
-                 f" with {fmt_gib(other.headroom_bytes)} of headroom and {fmt_count(other.trainable_params)} "
-                 "trainable parameters.")
-        if b.grad_ckpt is False and other.config.grad_ckpt:
-            text += " Skipping checkpointing avoids recomputing every layer's forward (about a third more FLOPs)."
-    elif other is None:
-        text += " It is the only configuration that fits."
+    text += f" and trains {fmt_count(best.trainable_params)} parameters ({pct:.3g}% of {fmt_count(best.total_params)})."
+    if fitting[1:2] and fitting[1].tie:
+        names = []
+        for r in fitting[1:]:
+            if not r.tie:
+                break
+            if r.config.variant.label not in names and r.config.variant.label != b.variant.label:
+                names.append(r.config.variant.label)
+        if names:
+            text += (" Within the models' error it ties with " + ", ".join(names[:4])
+                     + (" and others" if len(names) > 4 else "") + ": the order among them is not a claim.")
+    fastest = max(fitting, key=lambda r: speed_of(r))
+    if fastest is not best and objective != "speed":
+        text += (f" The fastest configuration, {fastest.config.variant.label} ({_setting_words(fastest.config)}), "
+                 f"is {_speed_words(fastest, best)}")
+        if fastest.quality is not None and best.quality is not None and fastest.quality < best.quality:
+            text += f" but its quality prior is lower ({fastest.quality:.3f} vs {best.quality:.3f})"
+        text += "."
+    if objective != "quality":
+        known = [r for r in fitting if r.quality is not None]
+        top = max(known, key=lambda r: (r.quality, speed_of(r))) if known else None
+        if top is not None and best.quality is not None and top.quality is not None \
+                and top.quality - best.quality > quality_tolerance():
+            text += (f" For quality, {top.config.variant.label} has a higher prior ({top.quality:.3f} vs "
+                     f"{best.quality:.3f}) and is {_speed_words(top, best)}.")
+    if b.variant.method != "full" and not any(r.config.variant.method == "full" for r in fitting):
+        text += " Full fine-tuning does not fit with any searched optimizer (8-bit and paged included)."
+    if b.grad_ckpt is False and any(r.config.grad_ckpt and r.config.variant == b.variant for r in fitting):
+        text += " It skips gradient checkpointing, which would recompute every layer's forward (about a third more time)."
     if tokens is not None and best.train_time_s is not None:
         text += f" Training on {tokens:,} tokens takes about {_fmt_duration(best.train_time_s)}"
         text += f" (${best.train_cost_usd:,.2f} at ${price:.2f}/h)." if best.train_cost_usd is not None and price else "."
@@ -119,7 +155,6 @@ def _explain(fitting: list[PlanRow], closest: list[PlanRow], gpu: GPU, tokens: i
         text += (f" {gpu.name} has no throughput figures in the catalog: configurations are ranked by FLOPs per "
                  f"token ({best.flops_per_step / (b.micro_batch * b.seq_len) / 1e9:,.1f} GFLOP per token here).")
     else:
-        text += (f" Throughput assumes {float(overheads()['matmul_utilization']['value']):.0%} of the GPU's dense "
-                 "peak and is linear in micro-batch, so ties are broken by the larger micro-batch.")
+        text += (" Step time is a roofline over the step's kernels (data/roofline.json); `peftplan estimate "
+                 f"{b.flags()} --explain` shows where it goes.")
     return text
-

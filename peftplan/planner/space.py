@@ -23,6 +23,10 @@ SHARD_SEARCH: tuple[str, ...] = ("ddp", "zero2", "zero3")  # searched with n_gpu
 SEQ_SWEEP: tuple[int, ...] = tuple(2 ** k for k in range(8, 18))  # 256 .. 131072
 MAX_MICRO_BATCH_SEARCH = 4096  # upper end of the exact largest-micro-batch search
 LORA_LIKE = ("lora", "qlora", "dora")
+# LoRA target sets searched: peft's per-model default (q_proj, v_proj for Llama), every attention
+# projection, every linear layer of the blocks (methods/common.py resolve_targets presets)
+TARGETS: tuple[str | None, ...] = (None, "attn", "all-linear")
+OBJECTIVES: tuple[str, ...] = ("quality", "speed", "cost")
 # Among configurations with the same tokens/s, prefer the exact optimizer over quantized states.
 _OPTIMIZER_PREFERENCE = {"adamw": 0, "adamw-8bit": 1, "paged-adamw-8bit": 2}
 
@@ -49,7 +53,14 @@ class Variant:
             parts.append(f"r{o['rank']}")
         if self.method == "qlora":
             parts.append(str(o.get("quant", "nf4")) + ("+dq" if o.get("double_quant", True) else ""))
+        if o.get("targets"):
+            parts.append(str(o["targets"]))
         return " ".join(parts)
+
+    @property
+    def targets(self) -> str:
+        """The target set's name for the quality prior: "default" (peft's), "attn" or "all-linear"."""
+        return str(self.opts().get("targets") or "default")
 
     @cached_property
     def base(self) -> "Variant":
@@ -57,12 +68,16 @@ class Variant:
         return Variant(self.method, tuple((k, v) for k, v in self.options if k != "rank"))
 
 
-def variants_for(method: str, ranks: Sequence[int] = RANKS) -> list[Variant]:
+def variants_for(method: str, ranks: Sequence[int] = RANKS, targets: Sequence[str | None] = (None,)) -> list[Variant]:
+    """The searched variants of `method`: LoRA-family ranks x target sets (x double quantization)."""
+    def tgt(t: str | None) -> tuple[tuple[str, Any], ...]:
+        return (("targets", t),) if t else ()
+
     if method in ("lora", "dora"):
-        return [Variant(method, (("rank", r),)) for r in ranks]
+        return [Variant(method, (("rank", r),) + tgt(t)) for t in targets for r in ranks]
     if method == "qlora":
-        return [Variant(method, (("double_quant", dq), ("quant", "nf4"), ("rank", r)))
-                for dq in (True, False) for r in ranks]
+        return [Variant(method, (("double_quant", dq), ("quant", "nf4"), ("rank", r)) + tgt(t))
+                for t in targets for dq in (True, False) for r in ranks]
     return [Variant(method)]
 
 
@@ -77,20 +92,23 @@ class PlanConfig:
     precision: str
     n_gpus: int = 1
     shard: str = "none"  # training.SHARDS; "ddp" or a ZeRO/FSDP stage when n_gpus > 1
+    grad_accum: int = 1  # micro-batches per optimizer step (--global-batch)
 
     @property
     def sharded(self) -> bool:
         return self.n_gpus > 1 or self.shard != "none"
 
     def training(self) -> Training:
-        return Training(micro_batch=self.micro_batch, seq_len=self.seq_len, grad_accum=1, grad_ckpt=self.grad_ckpt,
+        return Training(micro_batch=self.micro_batch, seq_len=self.seq_len, grad_accum=self.grad_accum,
+                        grad_ckpt=self.grad_ckpt,
                         attention=self.attention, precision=self.precision,  # type: ignore[arg-type]
                         optimizer=self.optimizer, optimizer_impl="fused",  # type: ignore[arg-type]
                         n_gpus=self.n_gpus, shard=self.shard)  # type: ignore[arg-type]
 
     @property
     def label(self) -> str:
-        return (f"{self.variant.label} · batch {self.micro_batch} · seq {self.seq_len} · "
+        return (f"{self.variant.label} · batch {self.micro_batch}"
+                + (f" x{self.grad_accum} accum" if self.grad_accum > 1 else "") + f" · seq {self.seq_len} · "
                 f"ckpt {'on' if self.grad_ckpt else 'off'} · {self.attention} · {self.optimizer}"
                 + (f" · {self.n_gpus} GPUs {self.shard}" if self.sharded else ""))
 
@@ -103,6 +121,10 @@ class PlanConfig:
         if self.variant.method == "qlora":
             out.append(f"--quant {o.get('quant', 'nf4')}")
             out.append("--double-quant" if o.get("double_quant", True) else "--no-double-quant")
+        if o.get("targets"):
+            out.append(f"--targets {o['targets']}")
+        if self.grad_accum > 1:
+            out.append(f"--grad-accum {self.grad_accum}")
         out += [f"--batch {self.micro_batch}", f"--seq {self.seq_len}",
                 "--grad-ckpt" if self.grad_ckpt else "--no-grad-ckpt", f"--attn {self.attention}",
                 f"--precision {self.precision}", f"--optimizer {self.optimizer}"]
@@ -127,6 +149,8 @@ class PlanRow:
     train_time_s: float | None = None
     train_cost_usd: float | None = None
     path: str = "fast"  # "fast" (exact polynomial path) or "direct" (estimate() call)
+    quality: float | None = None  # the method family's quality prior (data/quality_prior.json), None: unknown
+    tie: bool = False  # ties with the row above within the models' error (ranking.py)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
@@ -141,6 +165,8 @@ class PlanRow:
             "tokens_per_s": self.tokens_per_s, "trainable_params": self.trainable_params,
             "total_params": self.total_params, "train_time_s": self.train_time_s,
             "train_cost_usd": self.train_cost_usd, "path": self.path, "flags": c.flags(),
+            "grad_accum": c.grad_accum, "targets": c.variant.targets, "quality_prior": self.quality,
+            "tie_with_previous": self.tie,
         }
 
 
@@ -197,6 +223,8 @@ class PlanResult:
     suggestion: str | None
     stats: PlanStats
     best_estimate: Estimate | None = None
+    objective: str = "quality"
+    global_batch: int | None = None
 
     @property
     def best(self) -> PlanRow | None:
@@ -206,6 +234,7 @@ class PlanResult:
         return {
             "model": self.model, "gpu": self.gpu.name, "gpu_memory_bytes": self.gpu.memory_bytes,
             "n_gpus": self.n_gpus, "seq_len": self.seq_len, "tokens": self.tokens,
+            "objective": self.objective, "global_batch": self.global_batch,
             "price_per_hour": self.price_per_hour, "precision": self.precision,
             "fits": [r.to_dict() for r in self.rows], "closest": [r.to_dict() for r in self.closest[:20]],
             "limits": [{
