@@ -368,6 +368,11 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         groups = H // K
         kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
         vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
+        if groups > 1:  # repeat_kv: expand + reshape copies k and v (and its backward sums the copies back)
+            for src, rep in ((kc, kr), (vc, vr)):
+                ops.log_kernel("mem", "forward", ops.tensor_bytes(src) + ops.tensor_bytes(rep))
+                if src.requires_grad:
+                    ops.log_kernel("mem", "backward", ops.tensor_bytes(src) + ops.tensor_bytes(rep))
         scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
         tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
         # eager matmuls: each backward half runs only for an operand that requires grad

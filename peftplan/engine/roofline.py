@@ -9,8 +9,8 @@ kernel costs
 
 on the chosen GPU. The achievable GEMM rate is the GPU's measured maximum (MAMF, data/roofline.json)
 times the tile and wave quantization of the shape (NVIDIA's "Matrix Multiplication Background"
-guide): an output of m x n is cut into 128 x 128 tiles run one per SM per wave, and a partial tile
-or a partial last wave costs a whole one. Skinny GEMMs (LoRA's rank-r factors) fall to the
+guide): an output of m x n is cut into 128 x 128 tiles (narrower, down to 16, along a narrower
+dimension) run one per SM per wave, and a partial tile or a partial last wave costs a whole one. Skinny GEMMs (LoRA's rank-r factors) fall to the
 bandwidth side by themselves. Attention kernels run at FlashAttention-2's published fraction of the
 peak; eager attention is its two batched GEMMs plus the memory-bound mask, softmax and casts over
 the T x S scores. A checkpointed layer's recompute is its forward noted again ("recompute").
@@ -87,11 +87,20 @@ def matmul_efficiency(m: int, n: int, batch: int, rates: Rates) -> float:
     """Fraction of the datasheet peak a GEMM with an m x n output (batch of them) reaches: the MAMF
     fraction times tile quantization (useful share of the 128 x 128 tiles) times wave quantization
     (useful share of the last wave of one tile per SM)."""
-    t = rates.tile
-    tm, tn = -(-m // t), -(-n // t)
+    sm, sn = _tile_side(m, rates.tile), _tile_side(n, rates.tile)
+    tm, tn = -(-m // sm), -(-n // sn)
     tiles = batch * tm * tn
     waves = -(-tiles // rates.sm_count)
-    return rates.matmul_fraction * (m * n / (tm * tn * t * t)) * (tiles / (waves * rates.sm_count))
+    return rates.matmul_fraction * (m * n / (tm * tn * sm * sn)) * (tiles / (waves * rates.sm_count))
+
+
+def _tile_side(dim: int, tile: int) -> int:
+    """cuBLAS picks narrower tiles for a narrow output dimension (its kernels go down to 16-wide
+    tiles): the tile side is the power of two at or above `dim`, between 16 and `tile`."""
+    side = 16
+    while side < dim and side < tile:
+        side *= 2
+    return side
 
 
 def matmul_seconds(m: int, n: int, k: int, dtype: str, batch: int, rates: Rates) -> float:

@@ -10,7 +10,7 @@ from ..methods import MethodError
 from ..training import TrainingError
 from ..units import fmt_count, fmt_gib
 from .evaluator import Evaluator
-from .ranking import quality_source, quality_tolerance, speed_of, speed_tolerance
+from .ranking import quality_tolerance, speed_of, speed_tolerance
 from .space import MethodLimit, PlanConfig, PlanRow, Variant
 
 
@@ -111,8 +111,10 @@ def _explain(fitting: list[PlanRow], closest: list[PlanRow], gpu: GPU, tokens: i
     text = f"{b.variant.label} ({_setting_words(b)}) ranks first by {objective}"
     if objective == "quality":
         if best.quality is not None:
-            text += (f": its method has the highest quality prior of what fits ({best.quality:.3f} GSM8K accuracy "
-                     f"in PEFT's MetaMathQA comparison: {quality_source(b.variant)})")
+            text += (f": its method and targets have the highest quality prior of what fits ({best.quality:.3f}, "
+                     "GSM8K accuracy after MetaMathQA fine-tuning in PEFT's method comparison"
+                     + ("; LoRA on all linear layers, which the QLoRA paper finds needed to match full fine-tuning"
+                        if b.variant.targets == "all-linear" else "") + ")")
         text += ", and it is the fastest configuration of that quality tier"
     if best.tokens_per_s is not None:
         text += f" at {best.tokens_per_s:,.0f} tokens/s"

@@ -166,8 +166,15 @@ class PlanRow:
             "total_params": self.total_params, "train_time_s": self.train_time_s,
             "train_cost_usd": self.train_cost_usd, "path": self.path, "flags": c.flags(),
             "grad_accum": c.grad_accum, "targets": c.variant.targets, "quality_prior": self.quality,
+            "quality_source": _quality_source(c.variant),
             "tie_with_previous": self.tie,
         }
+
+
+def _quality_source(variant: Variant) -> str:
+    from .ranking import quality_source  # ranking imports this module
+
+    return quality_source(variant)
 
 
 @dataclass(frozen=True)
