@@ -93,7 +93,8 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         if modelled:
             notes.append(f"{n_gpus} GPUs ({', '.join(shard_list)}): estimate() models sharding; the fast path records "
                          "one GPU's step, so these configurations are estimated directly (exact, slower). Time and "
-                         f"cost assume {n_gpus} data-parallel GPUs scaling linearly (no communication time)")
+                         f"cost are for all {n_gpus} GPUs, each paid for; the step time includes the collectives, "
+                         "assumed to overlap compute")
             # Direct estimates cost tens of ms each: searching the one-GPU defaults would take minutes.
             # Narrow what the caller left at its default (sdpa never loses to eager here: same FLOPs
             # or fewer, less memory) and say so.
