@@ -39,7 +39,7 @@ def constants() -> dict[str, Any]:
     return json.loads((resources.files("peftplan") / "data" / "roofline.json").read_text(encoding="utf-8"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: one object per GPU (_rates is cached)
 class Rates:
     """What one GPU achieves: FLOP/s per dtype name at the measured maximum, bytes/s, and the shape terms."""
 
@@ -103,6 +103,7 @@ def _tile_side(dim: int, tile: int) -> int:
     return side
 
 
+@lru_cache(maxsize=1 << 16)
 def matmul_seconds(m: int, n: int, k: int, dtype: str, batch: int, rates: Rates) -> float:
     """One (batched) GEMM (m x k) @ (k x n): max(compute time, time to read both operands and write the output)."""
     peak = rates.peak(dtype)
@@ -197,11 +198,13 @@ def optimizer_bytes(optimizer: str, impl: str, trainable_bytes: int, trainable_e
 
 def step_time(table: KernelTable, rates: Rates, *, grad_accum: int, optimizer: str, optimizer_impl: str,
               trainable_bytes: int, trainable_elements: int, paged_bytes_over: int = 0, offload_bytes: int = 0,
-              communication_s: float | None = None) -> StepTime:
+              communication_s: float | None = None,
+              micro: tuple[float, dict[str, float]] | None = None) -> StepTime:
     """One optimizer step: `grad_accum` micro-batches of `table`, the optimizer update, host-link
     transfers (`paged_bytes_over`: paged state that does not fit and is paged out and back;
-    `offload_bytes`: bytes each way for offloaded state), the kernel-launch floor and communication."""
-    micro, parts = micro_batch_seconds(table, rates)
+    `offload_bytes`: bytes each way for offloaded state), the kernel-launch floor and communication.
+    `micro`: `micro_batch_seconds(table, rates)` when the caller already has it (the planner's memo)."""
+    micro_s, parts = micro if micro is not None else micro_batch_seconds(table, rates)
     breakdown = {k: v * grad_accum for k, v in parts.items()}
     opt = optimizer_bytes(optimizer, optimizer_impl, trainable_bytes, trainable_elements) / rates.bandwidth
     breakdown["optimizer update"] = opt
@@ -212,7 +215,7 @@ def step_time(table: KernelTable, rates: Rates, *, grad_accum: int, optimizer: s
     if offload_bytes:
         transfers += 2 * offload_bytes / rates.host_link
         breakdown["offload over PCIe"] = 2 * offload_bytes / rates.host_link
-    gpu_s = micro * grad_accum + opt + transfers
+    gpu_s = micro_s * grad_accum + opt + transfers
     host_s = table.launches * grad_accum * rates.launch_s
     total, bound = (gpu_s, "gpu") if gpu_s >= host_s else (host_s, "host launches")
     if communication_s is not None and communication_s > total:

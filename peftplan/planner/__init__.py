@@ -4,8 +4,8 @@ The search space is every method that applies (full, LoRA, QLoRA NF4 with and wi
 quantization, DoRA, LISA, adapters, prompt / prefix / P-tuning, IA3, BitFit) x LoRA rank
 {8, 16, 64} x LoRA targets {peft's default, attention, all-linear} x micro-batch {1, 2, 4, 8, 16
 and the largest that fits} (or the divisors of --global-batch, with gradient accumulation filling
-it) x gradient checkpointing {on, off} x attention
-{sdpa, eager} x optimizer {adamw, adamw-8bit, paged-adamw-8bit}, in the GPU's mixed precision
+it) x gradient checkpointing {on, off} x SDPA attention (eager on request: it never beats
+SDPA) x optimizer {adamw, adamw-8bit, paged-adamw-8bit}, in the GPU's mixed precision
 (bf16-mixed, or fp16-mixed where the GPU has no bf16). Configurations that fit
 (`Estimate.fits`) are ranked by the user's objective: quality (a sourced prior per method
 family and target set, then speed), speed (tokens/s from the roofline step time) or cost.

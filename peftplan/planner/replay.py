@@ -40,7 +40,7 @@ from ..engine.sim import ALLOC_BLOCK
 from ..estimate import Params, count_params
 from ..methods import MethodError, get_method
 from ..training import Training, TrainingError
-from .replay_time import KernelPolys
+from .replay_time import KernelPolys, trainable_bytes_at
 from .space import Variant
 
 _DIGIT = 64
@@ -111,7 +111,7 @@ class _Recording:
     classes: dict[tuple[int, int], int]  # (encoded numel, bits) -> rounding class index
 
 
-def _record_step(model: Any, training: Training) -> _Recording:
+def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _Recording:
     """Run engine.step.simulate_step on encoded sizes with an allocator that records every event.
 
     A size-dependent tensor is given its exact (unrounded) encoded byte count plus a 1 in the digit
@@ -182,7 +182,7 @@ def _record_step(model: Any, training: Training) -> _Recording:
         saved = step_mod.Allocator
         step_mod.Allocator = factory  # type: ignore[assignment]
         try:
-            step_mod.simulate_step(model, training)
+            step_mod.simulate_step(model, training, flop_counter=flop_counter)
         finally:
             step_mod.Allocator = saved  # type: ignore[assignment]
     return _Recording(events, classes)
@@ -324,6 +324,7 @@ class _Structure:
         self._parts: dict[tuple[int, int], Any] = {}
         self._peaks: dict[tuple[int, int, int], tuple[int, int]] = {}
         self._state: dict[tuple[str, int], int] = {}
+        self._micro: dict[tuple[Any, ...], Any] = {}
         base_training = Training(grad_ckpt=grad_ckpt, attention=attention, precision=precision)  # type: ignore[arg-type]
         models: dict[int | None, Any] = {}
         spec = get_method(variant.method)
@@ -367,12 +368,13 @@ class _Structure:
         state = dict(self.__dict__)
         state["models"] = {r: None for r in self.models}  # only membership is used after recording
         state["arch"] = None
-        state["_parts"], state["_peaks"] = {}, {}
+        state["_parts"], state["_peaks"], state["_micro"] = {}, {}, {}
         return state
 
     # -- recording --------------------------------------------------------------------------
     def _build(self, base: Any) -> None:
-        from ..engine.flops import micro_batch_flops, step_flops
+        from ..engine.flops import step_flops
+        from ..engine.ops import FlopCount
 
         if self.symbolic_rank:
             for r, m in self.models.items():
@@ -384,7 +386,10 @@ class _Structure:
         enc = Training(micro_batch=_ENC_B, seq_len=_ENC_T, grad_accum=1, grad_ckpt=self.grad_ckpt,
                        attention=self.attention, precision=self.precision,  # type: ignore[arg-type]
                        optimizer="adamw", optimizer_impl="fused")
-        rec = _record_step(sym, enc.with_(grad_accum=2) if self.accumulate else enc)
+        # one symbolic run gives the memory events and, as for estimate(), the first micro-batch's
+        # FLOPs and kernels (simulate_step's flop_counter)
+        counted = FlopCount()
+        rec = _record_step(sym, enc.with_(grad_accum=2) if self.accumulate else enc, counted)
         ndig = _NPOLY + len(rec.classes)
         pre, post, state_val, trainables = _timeline(rec.events)
         self.post = _pareto(post, ndig)
@@ -399,23 +404,19 @@ class _Structure:
         for coefs, _ in self.trainables:
             if any(coefs[i] for i in (1, 2, 4, 5, 6, 7, 8, 9, 10, 11)):
                 raise _NotExact("a trainable tensor's size depends on the batch or sequence")
-        counted = micro_batch_flops(sym, enc)
         self.kernels = KernelPolys(counted.kernels, lambda v: _poly(_digits(v, _NPOLY)))
         fl = step_flops(sym, enc, counted=counted)
         self.flops = tuple(_poly(_digits(v, _NPOLY))
                            for v in (fl.forward, fl.backward_input, fl.backward_weight, fl.recompute))
-        # The FLOP polynomial must match step_flops at concrete points: (B, T) = (3, 320) at the
-        # smallest rank and (5, 1000) at the largest (each point is a full symbolic step, ~0.5 s on
-        # an 8B model: two points pin a polynomial linear in B and r; the comparison with estimate()
-        # in tests/test_planner.py covers the rest).
-        ranked = list(self.models.items())
-        for (r, m), (B, T) in zip((ranked[0], ranked[-1]), ((3, 320), (5, 1000))):
-            if True:
-                direct = step_flops(m, Training(micro_batch=B, seq_len=T, grad_ckpt=self.grad_ckpt,
-                                                attention=self.attention, precision=self.precision))  # type: ignore[arg-type]
-                if self.flops_at(B, T, r or 0) != (direct.forward, direct.backward_input,
-                                                   direct.backward_weight, direct.recompute):
-                    raise _NotExact("the FLOP polynomial disagrees with step_flops")
+        # The FLOP polynomial must match step_flops at a concrete point, (B, T) = (3, 320) at the
+        # largest rank (a full symbolic step, ~0.5 s on an 8B model; the comparisons with estimate()
+        # in tests/test_planner.py cover other points and ranks).
+        r, m = list(self.models.items())[-1]
+        direct = step_flops(m, Training(micro_batch=3, seq_len=320, grad_ckpt=self.grad_ckpt,
+                                        attention=self.attention, precision=self.precision))  # type: ignore[arg-type]
+        if self.flops_at(3, 320, r or 0) != (direct.forward, direct.backward_input,
+                                             direct.backward_weight, direct.recompute):
+            raise _NotExact("the FLOP polynomial disagrees with step_flops")
         for r in self.models:
             self.state_bytes("adamw", r or 0)  # checks the recomputed state against the recorded one
 
@@ -446,14 +447,38 @@ class _Structure:
             self._state[key] = got
         return got
 
+    def micro_batch_time(self, B: int, T: int, r: int, rates: Any) -> tuple[Any, Any]:
+        """(KernelTable, roofline.micro_batch_seconds) of one micro-batch, memoized per point and GPU."""
+        from ..engine.roofline import micro_batch_seconds
+
+        key = (B, T, r, rates)
+        got = self._micro.get(key)
+        if got is None:
+            table = self.kernels.table_at(B, T, r)
+            got = self._micro[key] = (table, micro_batch_seconds(table, rates))
+        return got
+
     def paged_bytes(self, optimizer: str, r: int) -> int:
         """Optimizer state in CUDA unified memory (paged optimizers), outside the allocated peak."""
         from ..engine.optimizers import tensor_cost
 
         if not optimizer.startswith("paged"):
             return 0
-        return sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).paged_bytes
-                   for c, dtype in self.trainables)
+        key = ("paged " + optimizer, r)
+        got = self._state.get(key)
+        if got is None:
+            got = self._state[key] = sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).paged_bytes
+                                         for c, dtype in self.trainables)
+        return got
+
+    def trainable_bytes(self, r: int) -> int:
+        """Trainable parameters' bytes as allocated (each rounded to 512), at rank r: estimate()'s
+        StepMemory.trainable_bytes, which the roofline's optimizer update reads."""
+        key = ("trainable bytes", r)
+        got = self._state.get(key)
+        if got is None:
+            got = self._state[key] = trainable_bytes_at(self.trainables, r)
+        return got
 
     def _at(self, T: int, r: int):  # type: ignore[no-untyped-def]
         """Per (T, r): each candidate as (B-free bytes, bytes per B, class counts); each class's

@@ -17,7 +17,9 @@ DEFAULT_METHODS: tuple[str, ...] = (
 RANKS: tuple[int, ...] = (8, 16, 64)
 MICRO_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
 GRAD_CKPT: tuple[bool, ...] = (False, True)
-ATTENTIONS: tuple[str, ...] = ("sdpa", "eager")
+# eager attention is searched only on request: it never beats SDPA here (more memory: it saves the
+# T x S scores; more time: the full square plus memory-bound mask, softmax and casts over the scores)
+ATTENTIONS: tuple[str, ...] = ("sdpa",)
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-8bit", "paged-adamw-8bit")
 SHARD_SEARCH: tuple[str, ...] = ("ddp", "zero2", "zero3")  # searched with n_gpus > 1 once estimate() shards
 SEQ_SWEEP: tuple[int, ...] = tuple(2 ** k for k in range(8, 18))  # 256 .. 131072
