@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..units import fmt_count, fmt_gib
 from .explain import _fmt_duration
+from .ranking import ties_with
 from .space import PlanResult, PlanRow
 
 
@@ -43,8 +44,9 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
             break
     for i, r in enumerate(shown, 1):
         c = r.config
+        tie = fits and i > 1 and ties_with(shown[i - 2], r, result.objective)  # against the row shown above
         batch = str(c.micro_batch) + (f" x{c.grad_accum}" if c.grad_accum > 1 else "")
-        cells = [("=" if r.tie and i > 1 else "") + str(i), c.variant.label, batch, "on" if c.grad_ckpt else "off",
+        cells = [("=" if tie else "") + str(i), c.variant.label, batch, "on" if c.grad_ckpt else "off",
                  c.attention, c.optimizer,
                  fmt_gib(r.device_total_bytes), fmt_gib(r.headroom_bytes) if r.fits else "does not fit",
                  f"{r.tokens_per_s:,.0f}" if r.tokens_per_s else "-",

@@ -81,12 +81,26 @@ def _tiers(values: Sequence[float | None], tol: float) -> dict[float | None, int
     return out
 
 
+def ties_with(a: PlanRow, b: PlanRow, objective: str) -> bool:
+    """Whether `b` is indistinguishable from `a` within the models' error: tokens/s within the step-time
+    tolerance and, for the quality objective, quality priors within the prior's tie tolerance."""
+    if not (a.tokens_per_s and b.tokens_per_s):
+        return False
+    if abs(a.tokens_per_s - b.tokens_per_s) > speed_tolerance() * max(a.tokens_per_s, b.tokens_per_s):
+        return False
+    if objective != "quality":
+        return True
+    if a.quality is None or b.quality is None:
+        return a.quality is None and b.quality is None
+    return abs(a.quality - b.quality) <= quality_tolerance() + 1e-12
+
+
 def rank_rows(rows: Sequence[PlanRow], objective: str) -> list[PlanRow]:
     """Rows ordered by `objective`, each with its quality prior and whether it ties with the row above."""
-    rows = [replace(r, quality=quality_of(r.config.variant)) for r in rows]
-    tiers = _tiers([r.quality for r in rows], quality_tolerance())
+    quality = {id(r): quality_of(r.config.variant) for r in rows}
+    tiers = _tiers(list(quality.values()), quality_tolerance())
     if objective == "quality":
-        ordered = sorted(rows, key=lambda r: (tiers[r.quality], _fast_key(r)))
+        ordered = sorted(rows, key=lambda r: (tiers[quality[id(r)]], _fast_key(r)))
     elif objective == "cost":
         ordered = sorted(rows, key=lambda r: (r.train_cost_usd if r.train_cost_usd is not None else float("inf"),
                                                _fast_key(r)))
@@ -94,17 +108,12 @@ def rank_rows(rows: Sequence[PlanRow], objective: str) -> list[PlanRow]:
         ordered = sorted(rows, key=_fast_key)
     else:
         raise ValueError(f"unknown objective {objective!r} (choose from quality, speed, cost)")
-    stol = speed_tolerance()
     out: list[PlanRow] = []
-    for i, r in enumerate(ordered):
-        tie = False
-        if i:
-            p = ordered[i - 1]
-            same_quality = tiers[p.quality] == tiers[r.quality] or objective != "quality"
-            close = bool(p.tokens_per_s and r.tokens_per_s and abs(p.tokens_per_s - r.tokens_per_s)
-                         <= stol * max(p.tokens_per_s, r.tokens_per_s))
-            tie = same_quality and close
-        out.append(replace(r, tie=tie))
+    for r in ordered:
+        row = replace(r, quality=quality[id(r)])
+        if out and ties_with(out[-1], row, objective):
+            row = replace(row, tie=True)
+        out.append(row)
     return out
 
 
