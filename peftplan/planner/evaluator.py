@@ -14,6 +14,7 @@ from ..methods import MethodError
 from ..training import Training, TrainingError
 from .cache import _disk_load, _disk_save
 from .replay import _FAST_OPTIMIZERS, _NotExact, _Structure
+from .replay_time import micro_batch_time, paged_bytes, trainable_bytes
 from .space import LORA_LIKE, RANKS, PlanConfig, PlanRow, PlanStats, Variant
 
 _STRUCT_CACHE: dict[tuple[Any, ...], tuple[ModelArch, _Structure]] = {}
@@ -140,12 +141,12 @@ class Evaluator:
         peak_flops = gpu.peak_for(_compute_dtype(config.precision))
         step_time = tokens_per_s = None
         if peak_flops > 0:
-            paged = s.paged_bytes(config.optimizer, r)
+            paged = paged_bytes(s, config.optimizer, r)
             rates = roofline.rates_for(gpu)
-            table, micro = s.micro_batch_time(B, T, r, rates)
+            table, micro = micro_batch_time(s, B, T, r, rates)
             timing = roofline.step_time(
                 table, rates, micro=micro, grad_accum=accum, optimizer=config.optimizer,
-                optimizer_impl="fused", trainable_bytes=s.trainable_bytes(r),
+                optimizer_impl="fused", trainable_bytes=trainable_bytes(s, r),
                 trainable_elements=s.params[config.variant.rank].trainable,
                 paged_bytes_over=min(paged, max(0, device_total + paged - gpu.memory_bytes)) if paged else 0)
             step_time = timing.step_time_s

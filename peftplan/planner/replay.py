@@ -40,7 +40,7 @@ from ..engine.sim import ALLOC_BLOCK
 from ..estimate import Params, count_params
 from ..methods import MethodError, get_method
 from ..training import Training, TrainingError
-from .replay_time import KernelPolys, trainable_bytes_at
+from .replay_time import KernelPolys
 from .space import Variant
 
 _DIGIT = 64
@@ -445,39 +445,6 @@ class _Structure:
                 if e or d != got:
                     raise _NotExact("the recomputed optimizer state disagrees with the recorded step")
             self._state[key] = got
-        return got
-
-    def micro_batch_time(self, B: int, T: int, r: int, rates: Any) -> tuple[Any, Any]:
-        """(KernelTable, roofline.micro_batch_seconds) of one micro-batch, memoized per point and GPU."""
-        from ..engine.roofline import micro_batch_seconds
-
-        key = (B, T, r, rates)
-        got = self._micro.get(key)
-        if got is None:
-            table = self.kernels.table_at(B, T, r)
-            got = self._micro[key] = (table, micro_batch_seconds(table, rates))
-        return got
-
-    def paged_bytes(self, optimizer: str, r: int) -> int:
-        """Optimizer state in CUDA unified memory (paged optimizers), outside the allocated peak."""
-        from ..engine.optimizers import tensor_cost
-
-        if not optimizer.startswith("paged"):
-            return 0
-        key = ("paged " + optimizer, r)
-        got = self._state.get(key)
-        if got is None:
-            got = self._state[key] = sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).paged_bytes
-                                         for c, dtype in self.trainables)
-        return got
-
-    def trainable_bytes(self, r: int) -> int:
-        """Trainable parameters' bytes as allocated (each rounded to 512), at rank r: estimate()'s
-        StepMemory.trainable_bytes, which the roofline's optimizer update reads."""
-        key = ("trainable bytes", r)
-        got = self._state.get(key)
-        if got is None:
-            got = self._state[key] = trainable_bytes_at(self.trainables, r)
         return got
 
     def _at(self, T: int, r: int):  # type: ignore[no-untyped-def]

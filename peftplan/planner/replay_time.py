@@ -69,3 +69,38 @@ class KernelPolys:
 def trainable_bytes_at(trainables: Sequence[tuple[tuple[int, ...], Any]], r: int) -> int:
     """Bytes of the trainable parameters as allocated (each rounded to 512), at rank r."""
     return sum(rounded(dt.bytes_for(c[0] + c[3] * r)) for c, dt in trainables)
+
+
+def micro_batch_time(s: Any, B: int, T: int, r: int, rates: roofline.Rates) -> tuple[roofline.KernelTable, Any]:
+    """(KernelTable, roofline.micro_batch_seconds) of one micro-batch of recorded structure `s`
+    (replay._Structure), memoized per point and GPU in the structure."""
+    key = (B, T, r, rates)
+    got = s._micro.get(key)
+    if got is None:
+        table = s.kernels.table_at(B, T, r)
+        got = s._micro[key] = (table, roofline.micro_batch_seconds(table, rates))
+    return got
+
+
+def paged_bytes(s: Any, optimizer: str, r: int) -> int:
+    """Optimizer state in CUDA unified memory (paged optimizers), outside the allocated peak."""
+    from ..engine.optimizers import tensor_cost
+
+    if not optimizer.startswith("paged"):
+        return 0
+    key = ("paged " + optimizer, r)
+    got = s._state.get(key)
+    if got is None:
+        got = s._state[key] = sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).paged_bytes
+                                  for c, dtype in s.trainables)
+    return got
+
+
+def trainable_bytes(s: Any, r: int) -> int:
+    """Trainable parameters' bytes as allocated, at rank r: estimate()'s StepMemory.trainable_bytes,
+    which the roofline's optimizer update reads."""
+    key = ("trainable bytes", r)
+    got = s._state.get(key)
+    if got is None:
+        got = s._state[key] = trainable_bytes_at(s.trainables, r)
+    return got
