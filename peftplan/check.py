@@ -15,8 +15,9 @@ and the result is compared with what was measured:
   PYTORCH_CUDA_ALLOC_CONF (its `training.alloc_conf`, else `env.PYTORCH_CUDA_ALLOC_CONF`); an
   error beyond `reserved_tolerance` (3%, data/overheads.json) is a violation, since reserved is
   what the fit verdict (fit.py) relies on.
-  Step time, where measured: the signed error is reported, never a violation (the utilization is an
-  assumption, data/overheads.json `matmul_utilization`, with no measured bound yet).
+  Step time, where measured: the signed error of the roofline step time (engine/roofline.py) is
+  reported with whether it is inside the 15% target (data/roofline.json `step_time_tolerance`);
+  never a violation while the roofline's constants are not fitted to any GPU profile.
 - gpu-profile, outcome oom: consistent when the predicted envelope low exceeds the record's
   `memory.capacity_bytes` (the run could not have fit); otherwise a violation.
 
@@ -69,6 +70,7 @@ class Finding:
     step_time_measured_s: float | None = None
     step_time_predicted_s: float | None = None
     step_time_error_pct: float | None = None
+    step_time_within_target: bool | None = None  # |error| <= data/roofline.json step_time_tolerance
     capacity_bytes: int | None = None
     component_diffs: dict[str, int] = field(default_factory=dict)  # predicted - measured, by category
     violations: list[str] = field(default_factory=list)
@@ -243,6 +245,10 @@ def check_record(rec: Record, tolerance: float) -> Finding:
         f.step_time_predicted_s = est.compute.step_time_s
         if est.compute.step_time_s is not None:
             f.step_time_error_pct = _signed(est.compute.step_time_s, rec.step_time_s)
+            from .engine.roofline import constants
+
+            target = 100 * float(constants()["step_time_tolerance"]["value"])
+            f.step_time_within_target = abs(f.step_time_error_pct) <= target
     return f
 
 

@@ -222,17 +222,39 @@ def plan(
     methods: Optional[str] = typer.Option(None, "--methods", help="restrict to these methods, comma-separated (default: all)"),
     ranks: Optional[str] = typer.Option(None, "--ranks", help="LoRA ranks searched (default 8,16,64)"),
     batches: Optional[str] = typer.Option(None, "--batches", help="micro-batches searched (default 1,2,4,8,16)"),
+    objective: str = typer.Option("quality", "--objective", help="rank by quality (the method family's published "
+                                  "prior, then speed), speed (tokens/s) or cost (money for --tokens at --price)"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="sequences per optimizer step: each "
+                                               "micro-batch that divides it runs with the accumulation that fills it"),
+    targets: Optional[str] = typer.Option(None, "--targets", help="LoRA target sets searched, comma-separated from "
+                                          "default (peft's), attn, all-linear (default: all three)"),
+    html: Optional[str] = typer.Option(None, "--html", help="write the quality-vs-speed front and fit boundary as a "
+                                       "self-contained HTML report"),
+    force: bool = typer.Option(False, "--force", "-f", help="overwrite an existing --html file"),
     top: int = typer.Option(15, "--top", help="rows shown (the best of each method, checkpointing and attention)"),
     all_rows: bool = typer.Option(False, "--all", help="show every fitting row, not only the best per method setting"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     alloc_conf: Optional[str] = typer.Option(None, "--alloc-conf", help=ALLOC_CONF_HELP),
 ) -> None:
-    """Search methods x quantization x rank x micro-batch x checkpointing x attention x optimizer: what fits, fastest first."""
+    """Search methods x quantization x rank x targets x micro-batch x checkpointing x attention x optimizer: what fits, ranked by --objective."""
 
     def run() -> None:
         from .catalog import custom_gpu, load_gpu, load_model
-        from .planner import MICRO_BATCHES, RANKS, plan as run_plan, print_plan
+        from .planner import MICRO_BATCHES, OBJECTIVES, RANKS, TARGETS, plan as run_plan, print_plan
         from .units import parse_bytes
+
+        if objective not in OBJECTIVES:
+            _fail(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if global_batch is not None and (global_batch < 1 or global_batch % max(n_gpus, 1)):
+            _fail(f"--global-batch must be a positive multiple of --gpus ({n_gpus}), got {global_batch}")
+        target_list: tuple[str | None, ...] = TARGETS
+        if targets is not None:
+            names = _split(targets, "--targets")
+            bad = [t for t in names if t not in ("default", "attn", "all-linear")]
+            if bad or not names:
+                _fail(f"--targets takes default, attn, all-linear; got {targets!r}")
+            target_list = tuple(None if t == "default" else t for t in names)
+        html_path = _output_path(html, force, "--html")
 
         if price is not None and (not math.isfinite(price) or price < 0):
             _fail(f"--price must be a non-negative number, got {price}")
@@ -248,10 +270,17 @@ def plan(
         arch = load_model(model)
         result = run_plan(arch, g, n_gpus=n_gpus, seq_len=seq, tokens=n_tokens, price_per_hour=price,
                           methods=method_list, ranks=rank_list, micro_batches=batch_list, shard=shard,
-                          alloc_conf=_alloc_conf(alloc_conf))
+                          alloc_conf=_alloc_conf(alloc_conf),
+                          targets=target_list, objective=objective, global_batch=global_batch)
+        if html_path is not None:
+            from .planner.report import write_plan_html
+
+            write_plan_html(result, html_path)
         if as_json:
             print(json.dumps(result.to_dict(), indent=2, default=str))
             return
         print_plan(result, limit=top, distinct=not all_rows)
+        if html_path is not None:
+            print(f"wrote {html_path} ({html_path.stat().st_size / 1e6:.1f} MB, self-contained)")
 
     _guard(run)

@@ -85,8 +85,10 @@ class Compute:
     flops_per_step: int
     step_time_s: float | None
     tokens_per_s: float | None
-    utilization: float
+    utilization: float  # model FLOPs / (step time x dense peak): what the roofline step time achieves
     matmul_dtype: str
+    time_breakdown: dict[str, float] = field(default_factory=dict)  # seconds per "<phase> <kind>" (roofline)
+    time_bound: str = ""  # "gpu", "host launches" or "communication"
 
 
 @dataclass(frozen=True)
@@ -258,28 +260,47 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
         nccl_buffers_bytes=nccl, allocator=replayed.to_dict(),
     )
     flops: StepFlops = step_flops(model, effective, counted=counted)
-    util = float(o["matmul_utilization"]["value"])
     dtype = effective.compute_dtype.name
     peak_flops = gpu.peak_for(dtype)
     step_time = tokens_per_s = None
+    util = 0.0
     parallel, comm_s = _parallel(model, effective, gpu, mem, assumptions)
+    timing = None
     if peak_flops > 0:
-        step_time = flops.total / (peak_flops * util)
-        if comm_s is not None:
-            step_time = max(step_time, comm_s)  # collectives overlap compute (data/interconnect.json)
+        timing = _roofline_time(model, effective, gpu, counted, mem, memory.device_total_bytes, comm_s)
+        step_time = timing.step_time_s
         tokens_per_s = effective.n_gpus * effective.tokens * effective.grad_accum / step_time
+        util = flops.total / (step_time * peak_flops)
     compute = Compute(flops.forward, flops.backward_input, flops.backward_weight, flops.recompute,
-                      flops.total, step_time, tokens_per_s, util, dtype)
+                      flops.total, step_time, tokens_per_s, util, dtype,
+                      dict(timing.breakdown) if timing else {}, timing.bound if timing else "")
     capacity = gpu.memory_bytes
     verdict = fit_verdict(memory.device_total_bytes, capacity, env_high - env_low, mem.events, effective,
                           context + nccl)
-    assumptions.append(f"step time assumes {util:.0%} of the GPU's dense {dtype} peak (data/overheads.json)")
+    if timing is not None:
+        assumptions.append(f"step time: a roofline over the step's kernels on {gpu.name} ({timing.bound}-bound; "
+                           f"{util:.0%} of the dense {dtype} peak in model FLOPs), constants in data/roofline.json")
     return Estimate(
         model=arch.name, method=method, gpu=gpu.name, options=_asdict(opts), training=effective,
         params=count_params(model), memory=memory, compute=compute, gpu_memory_bytes=capacity,
         fits=verdict.fits, headroom_bytes=verdict.headroom_bytes, assumptions=tuple(assumptions),
         parallel=parallel, verdict=verdict.text,
     )
+
+
+def _roofline_time(model: TunedModel, training: Training, gpu: GPU, counted: FlopCount, mem: StepMemory,
+                   device_total: int, comm_s: float | None):  # type: ignore[no-untyped-def]
+    """The roofline step time (engine/roofline.py) over the kernels the memory simulation noted."""
+    from .engine import roofline
+
+    paged_over = 0
+    if mem.paged_optimizer_bytes:  # unified memory pages out only what does not fit beside the step
+        paged_over = min(mem.paged_optimizer_bytes, max(0, device_total + mem.paged_optimizer_bytes - gpu.memory_bytes))
+    return roofline.step_time(
+        roofline.kernel_table(counted.kernels), roofline.rates_for(gpu), grad_accum=training.grad_accum,
+        optimizer=training.optimizer, optimizer_impl=training.optimizer_impl, trainable_bytes=mem.trainable_bytes,
+        trainable_elements=count_params(model).trainable, paged_bytes_over=paged_over,
+        offload_bytes=mem.trainable_bytes if training.offload != "none" else 0, communication_s=comm_s)
 
 
 def _parallel(model: TunedModel, training: Training, gpu: GPU, mem: StepMemory,

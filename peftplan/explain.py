@@ -39,9 +39,15 @@ def explain_lines(est: Estimate) -> list[str]:
         lines.insert(4, f"DeepSpeed {t.shard}: the module in {t.compute_dtype.name} (weights, gradients per rank); the "
                         f"fp32 master partition (4 B × trainable / {t.n_gpus}) counts as optimizer state: "
                         f"{_g(c.get('optimizer_state', 0))} at the peak (engine/deepspeed.py)")
-    if est.compute.step_time_s is not None:
-        lines.append(f"step time = FLOPs / (peak {est.compute.matmul_dtype} FLOP/s × {est.compute.utilization}) "
-                     f"= {est.compute.step_time_s:.3f} s")
+    cp = est.compute
+    if cp.step_time_s is not None:
+        lines.append(f"step time = Σ over the step's kernels of max(FLOPs / achievable FLOP/s, bytes / achievable "
+                     f"bandwidth) (engine/roofline.py, data/roofline.json), {cp.time_bound}-bound = "
+                     f"{cp.step_time_s:.3f} s; model FLOPs utilization {cp.utilization:.0%} of the dense "
+                     f"{cp.matmul_dtype} peak; where the time goes:")
+        total = sum(cp.time_breakdown.values()) or 1.0
+        for label, secs in sorted(cp.time_breakdown.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {label:<28} {secs * 1e3:10.2f} ms  {100 * secs / total:5.1f}%")
     return lines
 
 

@@ -97,6 +97,8 @@ def test_gpu_profile_inside_and_outside_the_envelope(tmp_path):
     by = {Path(f.path).stem: f for f in check_paths([tmp_path]).findings}
     assert by["inside"].status == "ok"
     assert by["inside"].step_time_error_pct == pytest.approx(-50.0)  # reported, never a violation
+    assert by["inside"].step_time_within_target is False  # outside the roofline's 15% target
+    assert by["above"].step_time_within_target is None  # no timing measured
     assert by["inside"].reserved_error_pct is not None
     assert by["above"].status == "violation" and "outside the envelope" in by["above"].violations[0]
     assert by["below"].status == "violation"

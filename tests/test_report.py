@@ -58,7 +58,7 @@ def test_html_is_self_contained(html_file: Path) -> None:
                     'id="skipped"', 'id="assumptions"'):
         assert section in text
     assert "steady_state" in text and "micro_batch" in text  # training settings listed
-    assert "step time assumes 40%" in text  # estimate assumptions listed
+    assert "step time: a roofline over the step" in text  # estimate assumptions listed
 
 
 def test_title_and_model_names_are_escaped(html_file: Path, tmp_path: Path) -> None:

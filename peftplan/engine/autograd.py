@@ -49,6 +49,27 @@ def _nbytes(t: Tensor) -> int:
 
 
 _PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
+# Kernels the roofline (engine/roofline.py) costs from their shapes (engine/ops.py log_matmul, program.py
+# attention and 4-bit logs), and views that launch no kernel (torch.split / chunk)
+_NOT_MEMORY_BOUND = frozenset({"linear", "matmul_4bit", "matmul_qk", "matmul_pv", "sdpa", "split", "chunk"})
+_COUNTER: list = [None]  # engine/ops.py COUNTER (set there: ops imports this module)
+
+
+def _forward_bytes(name: str, inputs: list[Tensor], outputs: list[Tensor]) -> int:
+    """Bytes a memory-bound forward kernel reads and writes; an embedding lookup reads only the rows
+    it gathers (as many bytes as it writes), not the table."""
+    out = sum(t.numel * t.dtype.bits // 8 for t in outputs)
+    if name == "embedding":
+        return 2 * out
+    return out + sum(t.numel * t.dtype.bits // 8 for t in inputs)
+
+
+def _backward_bytes(node: "Node") -> int:
+    """Bytes a memory-bound node's backward moves: its saved tensors and output gradients read, one
+    gradient written per input that requires grad; an add hands its gradient through (no kernel)."""
+    if node.name in _PASSTHROUGH:
+        return 0
+    return sum(t.numel * t.dtype.bits // 8 for t in (*node.saved, *node.outputs, *node.inputs))
 
 
 class StopRecompute(Exception):
@@ -110,6 +131,9 @@ class Tape:
     def record(self, name: str, inputs: list[Tensor], outputs: list[Tensor], saved: list[Tensor | None],
                backward_scratch: int = 0) -> None:
         """Record a node when any output requires grad; otherwise saved tensors are not kept."""
+        c = _COUNTER[0]
+        if c is not None and name not in _NOT_MEMORY_BOUND:
+            c.kernels.append(("mem", "forward", _forward_bytes(name, inputs, outputs)))
         if not any(o.requires_grad for o in outputs):
             return
         ins = [i for i in inputs if i.requires_grad]
@@ -242,6 +266,9 @@ class Tape:
                 node.on_backward()
             if node.backward_scratch:
                 self.alloc.spike(node.backward_scratch)
+            counter = _COUNTER[0]
+            if counter is not None and node.name not in _NOT_MEMORY_BOUND:
+                counter.kernels.append(("mem", "backward", _backward_bytes(node)))
             # AddBackward0 (tools/autograd/derivatives.yaml `self: grad`, `other: maybe_multiply(grad,
             # alpha)`) hands the incoming gradient itself to both inputs of a same-shape, same-dtype add
             # (residual stream, attention-mask add): no new tensor, one buffer shared
@@ -299,7 +326,8 @@ class _Recorder:
         def snap():  # type: ignore[no-untyped-def]
             from . import ops
             c = ops.COUNTER[0]
-            return (copy.copy(a.peak), dict(a.phase_peaks), (c.forward, c.causal_forward) if c else None)
+            return (copy.copy(a.peak), dict(a.phase_peaks),
+                    (c.forward, c.causal_forward, len(c.kernels)) if c else None)
 
         def new_(*args, **kw):  # type: ignore[no-untyped-def]
             s = snap()
@@ -356,7 +384,8 @@ def _recompute(self: Tape, g: CheckpointGroup) -> None:
                 if o.event >= 0:
                     self.alloc.events[o.event] = 0
             if temp is not None and fl is not None:
-                temp.forward, temp.causal_forward = fl
+                temp.forward, temp.causal_forward, n_kernels = fl
+                del temp.kernels[n_kernels:]  # the kernels of the op that was never run
     # unwind the frame: only the references the saved lists hold survive
     held: dict[int, int] = {}
     for n in sub.saving_nodes:
@@ -377,6 +406,13 @@ def _recompute(self: Tape, g: CheckpointGroup) -> None:
     if counter is not None and temp is not None:
         counter.recompute += temp.forward
         counter.causal_recompute += temp.causal_forward
+        _merge_recompute(counter, temp)
+
+
+def _merge_recompute(counter, temp) -> None:  # type: ignore[no-untyped-def]
+    """A recompute's forward kernels join the step as "recompute"; the backward kernels its replay
+    noted are dropped (they were noted at the original forward, as the FLOPs are)."""
+    counter.kernels.extend((k[0], "recompute", *k[2:]) for k in temp.kernels if k[1] == "forward")
 
 
 Tape.recompute = _recompute  # type: ignore[attr-defined]
@@ -405,6 +441,7 @@ def reentrant_backward(self: Tape, node: Node) -> None:
     if counter is not None and temp is not None:
         counter.recompute += temp.forward
         counter.causal_recompute += temp.causal_forward
+        _merge_recompute(counter, temp)
     grad_h = None
     if grad_out is not None:
         grad_h = sub.backward(rout, seed=grad_out, keep=h)

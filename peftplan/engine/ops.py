@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..dtypes import FP32, DType
+from . import autograd as _autograd
 from .autograd import Param, Tape
 from .sim import Tensor
 
@@ -34,10 +35,16 @@ class FlopCount:
     block_forward: int = 0  # forward FLOPs inside the blocks
     recompute: int = 0  # forward FLOPs rerun by checkpointed layers in backward (early stop included)
     causal_recompute: int = 0
+    # every kernel the step launches, for the roofline step time (engine/roofline.py `Kernel` tuples):
+    # ("mm", phase, m, n, k, dtype name, batch), ("attn", phase, flops, bytes, dtype name), ("mem", phase, bytes),
+    # ("dequant", phase, bytes), ("dora", phase, bytes); phase "forward" / "backward" (a recompute's
+    # forward is renamed "recompute" by engine/autograd.py)
+    kernels: list = field(default_factory=list)
 
 
 # The counter the ops add to while engine/flops.py runs the symbolic step (None otherwise).
 COUNTER: list[FlopCount | None] = [None]
+_autograd._COUNTER = COUNTER  # the tape notes its memory-bound kernels in the same counter
 
 
 def count_matmul(fwd: int, input_grad: bool, weight_grad: bool) -> None:
@@ -49,6 +56,31 @@ def count_matmul(fwd: int, input_grad: bool, weight_grad: bool) -> None:
         c.backward_input += fwd
     if weight_grad:
         c.backward_weight += fwd
+
+
+def log_kernel(*entry: object) -> None:
+    """Note one kernel for the roofline (engine/roofline.py) while a FlopCount is attached."""
+    c = COUNTER[0]
+    if c is not None:
+        c.kernels.append(entry)
+
+
+def log_matmul(m: int, n: int, k: int, dtype: DType, input_grad: bool, weight_grad: bool, batch: int = 1) -> None:
+    """An (m x k) @ (k x n) GEMM forward, and its backward halves as autograd runs them: grad of the
+    input (m x n) @ (n x k), grad of the weight (n x m) @ (m x k)."""
+    c = COUNTER[0]
+    if c is None:
+        return
+    c.kernels.append(("mm", "forward", m, n, k, dtype.name, batch))
+    if input_grad:
+        c.kernels.append(("mm", "backward", m, k, n, dtype.name, batch))
+    if weight_grad:
+        c.kernels.append(("mm", "backward", n, k, m, dtype.name, batch))
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes a kernel reads or writes for `t` (unrounded: the allocator's 512-byte blocks are not moved)."""
+    return t.numel * t.dtype.bits // 8
 
 
 @dataclass
@@ -101,6 +133,7 @@ def linear(ctx: Ctx, x: Tensor, w: Param, bias: Param | None, out_features: int)
     needs = xc.requires_grad or w.trainable or bool(bias and bias.trainable)
     out = ctx.tape.new(rows * out_features, out_dtype, needs, "linear")
     count_matmul(2 * xc.numel * out_features, xc.requires_grad, w.trainable)
+    log_matmul(rows, out_features, xc.numel // rows, out_dtype, xc.requires_grad, w.trainable)
     inputs = [xc, wc]
     if bias is not None:
         inputs.append(ctx.tape.param_tensor(bias))

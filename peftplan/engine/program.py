@@ -201,6 +201,17 @@ def _quantized_base(ctx: Ctx, x: Tensor, lp: LinearParams) -> Tensor:
     out = tape.new(ctx.tokens * lin.out_features, compute, xc.requires_grad, "linear4bit")
     # bitsandbytes gemm_4bit forward; MatMul4Bit.backward computes grad_A only (frozen packed weight)
     count_matmul(2 * xc.numel * lin.out_features, xc.requires_grad, False)
+    # roofline: bitsandbytes backends/cuda/ops.py gemm_4bit dequantizes then runs F.linear above 1536 rows;
+    # MatMul4Bit.backward dequantizes again for grad_A. The dequant reads the packed weight and its absmax
+    # and writes the weight in the compute dtype.
+    q = lp.tuned.quant
+    absmax = -(-lin.weight_numel // q.blocksize) * (1 if q.double_quant else 4) if q.kind != "int8" else 4 * lin.out_features
+    # (the fused kernel below 1536 rows dequantizes inline, reading the same packed weight and absmax)
+    traffic = lin.weight_numel * (8 if q.kind == "int8" else 4) // 8 + absmax + deq_bytes
+    ops.log_kernel("dequant", "forward", traffic)
+    ops.log_matmul(ctx.tokens, lin.out_features, lin.in_features, compute, xc.requires_grad, False)
+    if xc.requires_grad:
+        ops.log_kernel("dequant", "backward", traffic)
     # MatMul4Bit saves only the packed weight (already counted); its backward dequantizes again.
     tape.record("matmul_4bit", [xc], [out], [], backward_scratch=deq_bytes)
     tape.drop(*temps, xc)
@@ -291,6 +302,12 @@ def _dora(ctx: Ctx, x: Tensor, base_out: Tensor, lp: LinearParams) -> Tensor:
     recompute_base = t.lora_dropout > 0
     # get_lora_weight: two forward matmuls whose result is only used detached (FLOPs, no backward)
     count_matmul(2 * n_in * n_in * r + 2 * n_in * r * n_out, False, False)
+    wdt = x.dtype if x.dtype.bits >= 16 else FP32
+    ops.log_matmul(n_in, r, n_in, wdt, False, False)
+    ops.log_matmul(n_in, n_out, r, wdt, False, False)
+    # get_weight_norm over out x in: lora_weight.T written (1), W.to(x.dtype) read + written (2),
+    # scaling * lora_weight read + written (2), W + that read twice + written (3), the norm reads it (1)
+    ops.log_kernel("dora", "forward", 9 * lin.weight_numel * wdt.bits // 8)
     mm = ctx.autocast or adapter_dtype  # the dtype the adapter matmuls run in
     # get_lora_weight's local identity; lora_A saves it for its weight's gradient unless autocast casts it
     # (then the cast copy is saved and the identity dies when get_lora_weight returns)
@@ -463,6 +480,10 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
             # full bf16 eager + checkpointing, whose peak is there)
             tape.record("repeat_kv", [kc], [kr], [])
             tape.record("repeat_kv", [vc], [vr], [])
+            for src, rep in ((kc, kr), (vc, vr)):
+                ops.log_kernel("mem", "forward", ops.tensor_bytes(src) + ops.tensor_bytes(rep))
+                if src.requires_grad:
+                    ops.log_kernel("mem", "backward", ops.tensor_bytes(src) + ops.tensor_bytes(rep))
         scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
         tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
         if arch.attn_logit_softcap is not None:
@@ -473,6 +494,9 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
             c.forward += 2 * bmm
             c.backward_input += bmm * (int(qc.requires_grad) + int(kr.requires_grad)
                                        + int(qc.requires_grad or kr.requires_grad) + int(vr.requires_grad))
+            # per (batch, head): scores = q (T x hd) @ k^T (hd x S); out = probs (T x S) @ v (S x hd)
+            ops.log_matmul(T, kv_tokens, hd, dt, qc.requires_grad, kr.requires_grad, B * H)
+            ops.log_matmul(T, hd, kv_tokens, dt, qc.requires_grad or kr.requires_grad, vr.requires_grad, B * H)
         masked = tape.new(scores.numel, dt, rg, "masked_scores")
         tape.record("add_mask", [scores], [masked], [])
         tape.drop(scores)
@@ -523,6 +547,13 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         c.forward += 2 * bmm
         if is_causal:
             c.causal_forward += 2 * bmm
+        # the fused kernel reads q, k, v (and the mask), writes out and the logsumexp; its backward
+        # reads those and dout, writes dq, dk, dv; a causal kernel skips the masked half of the FLOPs
+        io = sum(ops.tensor_bytes(t) for t in (qc, kc, vc, out, lse)) + (ops.tensor_bytes(mask) if mask is not None else 0)
+        work = bmm // 2 if is_causal else bmm
+        c.kernels.append(("attn", "forward", 2 * work, io, dt.name))
+        if rg:
+            c.kernels.append(("attn", "backward", 5 * work, 2 * io, dt.name))
         if rg:
             c.backward_input += 5 * bmm
             if is_causal:

@@ -1,0 +1,96 @@
+"""The disk cache of recorded structures (~/.cache/peftplan), keyed by a hash of peftplan's code and data."""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from typing import Any
+
+from ..arch import ModelArch
+from .replay import _DIGIT, _NPOLY, _Structure
+
+
+# A recorded structure depends only on the model's architecture, the structure key and the code
+# that simulates the step, so it is kept on disk between processes (a second `peftplan plan` for the
+# model is warm), keyed by a hash of all of peftplan's source and data files: any change to the
+# engine, the methods or the planner makes a new key. PEFTPLAN_CACHE=0 turns it off;
+# PEFTPLAN_CACHE_DIR moves it (default $XDG_CACHE_HOME/peftplan or ~/.cache/peftplan).
+
+def _cache_dir():  # type: ignore[no-untyped-def]
+    import os
+    from pathlib import Path
+
+    if os.environ.get("PEFTPLAN_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    where = os.environ.get("PEFTPLAN_CACHE_DIR")
+    if where:
+        return Path(where)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "peftplan"
+
+
+@lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    """sha256 over every .py and .json file of the installed peftplan package (and the Python version)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent  # the peftplan package
+    h = hashlib.sha256(f"{sys.version_info[:3]} {sys.byteorder} {_DIGIT} {_NPOLY}".encode())
+    for f in sorted(root.rglob("*")):
+        if f.suffix in (".py", ".json") and f.is_file() and "__pycache__" not in f.parts:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _disk_path(arch: ModelArch, key: tuple[Any, ...]):  # type: ignore[no-untyped-def]
+    import hashlib
+
+    where = _cache_dir()
+    if where is None:
+        return None
+    digest = hashlib.sha256(repr((_code_fingerprint(), arch, key)).encode()).hexdigest()
+    return where / "plan" / _code_fingerprint()[:16] / f"{digest}.pickle"
+
+
+def _disk_load(arch: ModelArch, key: tuple[Any, ...]) -> "_Structure | None":
+    import pickle
+
+    try:
+        path = _disk_path(arch, key)
+        if path is None or not path.is_file():
+            return None
+        with open(path, "rb") as fh:
+            stored_key, s = pickle.load(fh)
+        if stored_key != repr((arch, key)) or not isinstance(s, _Structure):
+            return None
+        s.arch = arch
+        return s
+    except Exception:  # a corrupt or foreign file: record again
+        return None
+
+
+def _disk_save(arch: ModelArch, key: tuple[Any, ...], s: "_Structure") -> None:
+    import os
+    import pickle
+    import tempfile
+
+    try:
+        path = _disk_path(arch, key)
+        if path is None:
+            return
+        if not path.parent.is_dir():  # a new code version: drop the structures of the old ones
+            import shutil
+
+            for old in path.parent.parent.glob("*"):
+                if old.is_dir() and old.name != path.parent.name:
+                    shutil.rmtree(old, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump((repr((arch, key)), s), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except Exception:
+        pass  # read-only home, full disk: the cache is an optimisation only
+

@@ -1,0 +1,233 @@
+"""`Evaluator`: exact rows for many configurations of one model, through the replay fast path or estimate()."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+from typing import Any, Sequence
+
+from ..arch import ModelArch
+from ..catalog import GPU
+from ..engine import roofline
+from ..estimate import Estimate, estimate, overheads
+from ..methods import MethodError, explicit_grad_ckpt_options
+from ..training import Training, TrainingError
+from .cache import _disk_load, _disk_save
+from .replay import _FAST_OPTIMIZERS, _NotExact, _Structure
+from .replay_time import micro_batch_time, paged_bytes, trainable_bytes
+from .space import LORA_LIKE, RANKS, PlanConfig, PlanRow, PlanStats, Variant
+
+_STRUCT_CACHE: dict[tuple[Any, ...], tuple[ModelArch, _Structure]] = {}
+_STRUCT_CACHE_MAX = 1024
+
+
+def clear_cache() -> None:
+    """Forget recorded structures held in this process (the benchmark's cold runs; the disk cache,
+    if any, is left alone: point PEFTPLAN_CACHE_DIR at an empty directory for a truly cold run)."""
+    _STRUCT_CACHE.clear()
+
+
+
+class Evaluator:
+    """Exact estimates of many configurations of one model; `fast=False` calls estimate() for each."""
+
+    def __init__(self, arch: ModelArch, ranks: Sequence[int] = RANKS, fast: bool = True,
+                 sharded_fast: bool = False) -> None:
+        self.arch = arch
+        self.ranks = tuple(ranks)
+        self.fast = fast
+        # The recorded structures are one GPU's step. A configuration with n_gpus > 1 or a shard
+        # takes the fast path only when the caller established that estimate() gives it the one-GPU
+        # numbers (sharding_modelled() is False); otherwise it is estimated directly.
+        self.sharded_fast = sharded_fast
+        self.stats = PlanStats()
+        self.alloc_conf = ""  # PYTORCH_CUDA_ALLOC_CONF for every estimate() (Training.alloc_conf)
+
+    def _use_fast(self, s: "_Structure", config: PlanConfig) -> bool:
+        return self.fast and s.exact and (self.sharded_fast or not config.sharded)
+
+    def _structure_of(self, config: PlanConfig) -> _Structure:
+        return self.structure(config.variant, config.grad_ckpt, config.attention, config.precision,
+                              config.grad_accum > 1)
+
+    def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str,
+                  accumulate: bool = False) -> _Structure:
+        base = _with_ckpt_options(variant.base, grad_ckpt)
+        ranks: tuple[int | None, ...] = self.ranks if variant.method in LORA_LIKE else (None,)
+        key = (id(self.arch), base, ranks, grad_ckpt, attention, precision, accumulate)
+        hit = _STRUCT_CACHE.get(key)
+        if hit is not None and hit[0] is self.arch:
+            return hit[1]
+        if len(_STRUCT_CACHE) >= _STRUCT_CACHE_MAX:
+            _STRUCT_CACHE.clear()
+        disk_key = (base, ranks, grad_ckpt, attention, precision, accumulate)
+        s = _disk_load(self.arch, disk_key)
+        if s is not None:
+            self.stats.structures_loaded += 1
+        else:
+            s = _Structure(self.arch, base, ranks, grad_ckpt, attention, precision, accumulate)
+            if s.models:
+                self.stats.structures_recorded += 1
+            _disk_save(self.arch, disk_key, s)
+        _STRUCT_CACHE[key] = (self.arch, s)
+        return s
+
+    def distrust(self, config: PlanConfig) -> None:
+        """Evaluate this configuration's structure with estimate() from now on."""
+        s = self._structure_of(config)
+        s.exact = False
+        s.reason = "disagreed with estimate()"
+
+    def _checked(self, config: PlanConfig) -> _Structure:
+        s = self._structure_of(config)
+        r = config.variant.rank
+        if r in s.errors:
+            raise MethodError(s.errors[r])
+        if r is not None and r not in s.models:
+            raise MethodError(f"rank {r} is not among the planner's ranks {self.ranks}")
+        return s
+
+    def error(self, config: PlanConfig) -> str | None:
+        """Why this configuration cannot be built (MethodError), or None."""
+        s = self._structure_of(config)
+        return s.errors.get(config.variant.rank)
+
+    def effective(self, config: PlanConfig) -> PlanConfig:
+        """The configuration estimate() actually runs (QLoRA's kbit prep forces checkpointing)."""
+        s = self._structure_of(config)
+        return config if config.grad_ckpt == s.grad_ckpt else replace(config, grad_ckpt=s.grad_ckpt)
+
+    def evaluate(self, config: PlanConfig, gpu: GPU) -> PlanRow:
+        """Every number estimate() gives for the planner's columns, exactly."""
+        s = self._checked(config)
+        self.stats.configs_evaluated += 1
+        if self._use_fast(s, config):
+            try:
+                row = self._fast(s, config, gpu)
+                self.stats.fast += 1
+                return row
+            except _NotExact:
+                pass
+        self.stats.direct += 1
+        return row_from_estimate(config, self.estimate(config, gpu))
+
+    def fits(self, config: PlanConfig, gpu: GPU) -> bool:
+        """estimate(...).fits, computing only the peak (the searches for the largest seq and batch)."""
+        s = self._checked(config)
+        self.stats.fit_checks += 1
+        if self._use_fast(s, config):
+            try:
+                peak = s.peak_at(config.micro_batch, config.seq_len, config.variant.rank or 0, config.optimizer)
+                return _device_total(peak) <= gpu.memory_bytes
+            except _NotExact:
+                pass
+        self.stats.direct += 1
+        try:
+            return self.estimate(config, gpu).fits
+        except MethodError:
+            return False  # cannot run at all
+
+    def searchable(self, config: PlanConfig) -> bool:
+        """Fit verdicts are cheap for any micro-batch here: search beyond the grid."""
+        return self._use_fast(self._checked(config), config) and config.optimizer in _FAST_OPTIMIZERS
+
+    def _fast(self, s: _Structure, config: PlanConfig, gpu: GPU) -> PlanRow:
+        r = config.variant.rank or 0
+        B, T = config.micro_batch, config.seq_len
+        peak = s.peak_at(B, T, r, config.optimizer)
+        device_total = _device_total(peak)
+        accum = config.grad_accum
+        flops = sum(s.flops_at(B, T, r)) * accum
+        # the same roofline and float arithmetic as estimate()
+        peak_flops = gpu.peak_for(_compute_dtype(config.precision))
+        step_time = tokens_per_s = None
+        if peak_flops > 0:
+            paged = paged_bytes(s, config.optimizer, r)
+            rates = roofline.rates_for(gpu)
+            table, micro = micro_batch_time(s, B, T, r, rates)
+            timing = roofline.step_time(
+                table, rates, micro=micro, grad_accum=accum, optimizer=config.optimizer,
+                optimizer_impl="fused", trainable_bytes=trainable_bytes(s, r),
+                trainable_elements=s.params[config.variant.rank].trainable,
+                paged_bytes_over=min(paged, max(0, device_total + paged - gpu.memory_bytes)) if paged else 0)
+            step_time = timing.step_time_s
+            tokens_per_s = config.n_gpus * (B * T) * accum / step_time  # estimate()'s expression
+        p = s.params[config.variant.rank]
+        cap = gpu.memory_bytes
+        if config.grad_ckpt != s.grad_ckpt:
+            config = replace(config, grad_ckpt=s.grad_ckpt)
+        return PlanRow(config, peak, device_total, cap, device_total <= cap,
+                       cap - device_total, flops, step_time, tokens_per_s, p.trainable, p.total, path="fast")
+
+    def estimate(self, config: PlanConfig, gpu: GPU) -> Estimate:
+        try:
+            training = config.training()
+            if self.alloc_conf:
+                training = training.with_(alloc_conf=self.alloc_conf)
+            return estimate(self.arch, config.variant.method, training, gpu,
+                            _with_ckpt_options(config.variant, config.grad_ckpt).opts())
+        except TrainingError as exc:  # e.g. a paged optimizer with sharding: this setup cannot run
+            raise MethodError(str(exc).splitlines()[0]) from None
+
+    def fits_on(self, config: PlanConfig, gpu: GPU) -> PlanRow:
+        """Evaluate `config` on another GPU (its precision follows that GPU)."""
+        return self.evaluate(replace(config, precision=precision_for(gpu)), gpu)
+
+
+_SHARD_PROBES: dict[tuple[Any, ...], bool] = {}
+
+
+def sharding_modelled(arch: ModelArch, gpu: GPU, n_gpus: int, shards: Sequence[str] = ("zero3",)) -> bool:
+    """Whether estimate() gives a sharded setup different numbers from one GPU's (probed on `arch`
+    with full fine-tuning, micro-batch 1, 64 tokens, where sharded weights, gradients and AdamW
+    state would show). Until the engine models sharding, estimate() ignores n_gpus/shard."""
+    if n_gpus <= 1:
+        return False
+    precision = precision_for(gpu)
+    key = (id(arch), arch.name, gpu.name, n_gpus, tuple(shards), precision)
+    got = _SHARD_PROBES.get(key)
+    if got is None:
+        one = Training(micro_batch=1, seq_len=64, precision=precision)  # type: ignore[arg-type]
+
+        def sig(t: Training) -> tuple[Any, ...]:
+            e = estimate(arch, "full", t, gpu)
+            return (e.memory.peak_allocated_bytes, e.memory.device_total_bytes, e.compute.flops_per_step,
+                    e.compute.step_time_s, e.params.trainable)
+
+        base = sig(one)
+        got = any(sig(one.with_(n_gpus=n_gpus, shard=s)) != base for s in shards if s != "none")
+        _SHARD_PROBES[key] = got
+    return got
+
+
+@lru_cache(maxsize=None)
+def _compute_dtype(precision: str) -> str:
+    return Training(precision=precision).compute_dtype.name  # type: ignore[arg-type]
+
+
+def _with_ckpt_options(variant: Variant, grad_ckpt: bool) -> Variant:
+    """The variant as a run without checkpointing builds it: QLoRA's kbit prep then gets
+    use_gradient_checkpointing=False (methods.explicit_grad_ckpt_options), as `--no-grad-ckpt` does."""
+    extra = explicit_grad_ckpt_options(variant.method, grad_ckpt)
+    return Variant(variant.method, variant.options + tuple(extra.items())) if extra else variant
+
+
+def _device_total(peak: int) -> int:
+    """A lower bound of estimate()'s device total for an allocated peak: reserved >= allocated, and
+    reserved itself needs the configuration's own timeline replayed through the caching allocator
+    (engine/allocator.py), which the fast path does not have. Rows shown are re-estimated
+    (search.py `_exact_rows`)."""
+    return peak + int(overheads()["cuda_context_bytes"]["value"])
+
+
+def row_from_estimate(config: PlanConfig, est: Estimate) -> PlanRow:
+    return PlanRow(
+        replace(config, grad_ckpt=est.training.grad_ckpt), est.memory.peak_allocated_bytes,
+        est.memory.device_total_bytes, est.gpu_memory_bytes, est.fits, est.headroom_bytes,
+        est.compute.flops_per_step, est.compute.step_time_s, est.compute.tokens_per_s,
+        est.params.trainable, est.params.total, path="direct",
+    )
+
+
+def precision_for(gpu: GPU) -> str:
+    return "bf16-mixed" if gpu.bf16_supported else "fp16-mixed"
