@@ -34,7 +34,10 @@ LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"
 # One or two catalog models per family, at real width (fake tensors cost per op, not per byte).
 FAMILY_MODELS = ("llama3.2-1b", "llama3-8b", "tinyllama-1.1b", "mistral-7b", "qwen2.5-0.5b", "qwen2.5-7b",
                  "gemma2-2b", "phi3-mini", "gpt2", "opt-350m", "bloomz-560m", "roberta-base", "bert-large",
-                 "mt0-large")
+                 "mt0-large", "qwen3-0.6b", "gemma3-1b", "olmo2-7b", "smollm3-3b")
+# Left out for now: the MoE families (mixtral, qwen3_moe, gpt_oss): torch 2.13's `_grouped_mm` meta kernel takes
+# bf16 only, so fp32 experts (mixed precision's master weights, kbit prep) cannot be traced; they are checked at
+# real width by tests/test_moe.py and benchmarks/modern_families_vs_trace.py.
 # What a CPU trace can run (harness/build.py make_optimizer refuses the others off CUDA).
 CPU_OPTIMIZERS = ("adamw", "sgd", "sgd-momentum", "adafactor")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16")
@@ -132,11 +135,12 @@ KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
     ),
     KnownDeviation(
         "gpt2-family-dropout",
-        "GPT-2 / OPT style models with dropout in the attention and residual paths: the tracer emulates "
-        "CUDA's fused dropout (bool masks); the engine's dropout-mask lifetimes differ around the attention "
-        "dropout under eager attention and checkpointing (undiagnosed)",
-        "-1.0% to -4.7% on tiny GPT-2 (profiles/cpu matrix, 2026-11-24)",
-        lambda c: c.model in ("gpt2", "gpt2-medium") and c.method in ("bitfit", "lora", "adapter"),
+        "GPT-2 with dropout in the embedding, attention and residual paths: the engine keeps fewer tensors than "
+        "the trace around the embedding dropout, the eager causal mask and the checkpointed layers' inputs "
+        "(undiagnosed); it shows where activations dominate the peak (small widths, short sequences)",
+        "-1.0% to -4.7% on tiny GPT-2 (hidden 128, profiles/cpu matrix, 2026-12-02); within 1% at real width in "
+        "the fuzz runs so far",
+        lambda c: c.model in ("gpt2", "gpt2-medium"),
     ),
 )
 

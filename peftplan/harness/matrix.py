@@ -169,9 +169,23 @@ def _trl_entries() -> list[MatrixEntry]:
     return out
 
 
-# Known deviations of the engine from the real step, found by this matrix; measured 2026-11-24 01:05 UTC.
-# Keyed by entry id; the reason names the component that differs.
+# Known deviations of the engine from the real step, found by this matrix; re-measured 2026-12-02 03:25 UTC after
+# the fuzzer's fixes (IA3, eager repeat_kv, DoRA, P-tuning, TRL accumulation: their marks are gone). Keyed by entry
+# id; the reason names what differs. The GPT-2 ones are the fuzzer's class `gpt2-family-dropout` (harness/fuzz.py).
+_GPT2 = ("tiny GPT-2 (hidden 128): saved_activations short of the trace around the embedding dropout, the eager "
+         "causal mask (`where`, fp32) and the checkpointed layer's inputs; at real width (gpt2, 768) the same "
+         "configurations are within 1%; undiagnosed")
 XFAIL: dict[str, str] = {
+    'tiny-gpt2_adapter_b2s64_sdpa_nockpt': "engine under-predicts -1.05%: " + _GPT2,
+    'tiny-gpt2_bitfit_b2s64_eager_ckpt': "engine under-predicts -4.66% (eager, checkpointing): " + _GPT2,
+    'tiny-gpt2_bitfit_b2s64_eager_nockpt': "engine under-predicts -1.70% (eager): " + _GPT2,
+    'tiny-gpt2_bitfit_b2s64_sdpa_ckpt': "engine under-predicts -3.50% (checkpointing): " + _GPT2,
+    'tiny-gpt2_ia3_b2s64_sdpa_nockpt': "engine under-predicts -1.13%: " + _GPT2,
+    'tiny-gpt2_lora_b2s64_sdpa_nockpt': "engine under-predicts -1.25%: " + _GPT2,
+    'tiny-gptoss_lora_b2s64_sdpa_ckpt_targets-all-linear':
+        "engine under-predicts -1.87% (gradient checkpointing) on tiny gpt-oss: saved_activations and temporaries "
+        "short of the trace at the peak inside the experts' backward recompute; undiagnosed (gpt-oss-20b at real "
+        "width with checkpointing: +0.000%)",
 }
 
 
