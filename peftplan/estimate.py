@@ -267,7 +267,9 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     parallel, comm_s = _parallel(model, effective, gpu, mem, assumptions)
     timing = None
     if peak_flops > 0:
-        timing = _roofline_time(model, effective, gpu, counted, mem, memory.device_total_bytes, comm_s)
+        # paging decisions on allocated + context (not the replayed reserved): the planner's fast path, which has
+        # no allocator replay, then gives the same step time bit for bit
+        timing = _roofline_time(model, effective, gpu, counted, mem, peak + context + nccl, comm_s)
         step_time = timing.step_time_s
         tokens_per_s = effective.n_gpus * effective.tokens * effective.grad_accum / step_time
         util = flops.total / (step_time * peak_flops)

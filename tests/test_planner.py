@@ -84,8 +84,11 @@ def test_plan_fast_equals_plan_direct() -> None:
     key = lambda r: (r.config, r.peak_allocated_bytes, r.device_total_bytes, r.fits, r.tokens_per_s)  # noqa: E731
     # the first EXACT_ROWS rows are re-estimated (allocator replay); below them fast rows keep a lower bound
     assert [key(r) for r in fast.rows[:EXACT_ROWS]] == [key(r) for r in direct.rows[:EXACT_ROWS]]
-    assert {r.config for r in direct.rows} <= {r.config for r in fast.rows}
-    assert {r.config for r in fast.closest} <= {r.config for r in direct.closest}
+    # on the micro-batch grid every directly fitting configuration is a fast row; the extra "largest that fits"
+    # micro-batch is searched on the fast path's lower bound, so it can be larger there than direct
+    grid = kw["micro_batches"]
+    assert {r.config for r in direct.rows if r.config.micro_batch in grid} <= {r.config for r in fast.rows}
+    assert {r.config for r in fast.closest if r.config.micro_batch in grid} <= {r.config for r in direct.closest}
     for a, b in zip(fast.limits, direct.limits):
         assert a.method == b.method and (a.max_seq_len or 0) >= (b.max_seq_len or 0)
         # the fast path searches micro-batches beyond the grid; direct stays on the grid
@@ -99,7 +102,9 @@ def test_llama3_70b_on_rtx4090_only_qlora_comes_close() -> None:
     result = plan(arch, gpu, methods=["full", "lora", "qlora"], ranks=(8, 16), attentions=("sdpa",))
     assert not any(r.config.variant.method == "full" for r in result.rows)
     ordered = result.rows if result.rows else result.closest
-    n_qlora = sum(1 for r in ordered if r.config.variant.method == "qlora")
+    # checkpointed QLoRA comes closest (QLoRA without checkpointing, searched too, keeps 80 layers of
+    # activations and can need more than checkpointed LoRA)
+    n_qlora = sum(1 for r in ordered if r.config.variant.method == "qlora" and r.config.grad_ckpt)
     assert n_qlora > 0
     assert all(r.config.variant.method == "qlora" for r in ordered[:n_qlora])  # qlora variants first
     full = [r for r in result.closest if r.config.variant.method == "full"]

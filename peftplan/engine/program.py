@@ -478,12 +478,9 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
             # repeat_kv (expand + reshape: a copy); its backward sums the copies' gradients back into k/v's.
             # Unrecorded, the copies' gradients stayed alive to the end of backward (+2.45% on llama3.2-1b
             # full bf16 eager + checkpointing, whose peak is there)
+            # (the recorded nodes also give the roofline its memory-bound copy kernels, forward and backward)
             tape.record("repeat_kv", [kc], [kr], [])
             tape.record("repeat_kv", [vc], [vr], [])
-            for src, rep in ((kc, kr), (vc, vr)):
-                ops.log_kernel("mem", "forward", ops.tensor_bytes(src) + ops.tensor_bytes(rep))
-                if src.requires_grad:
-                    ops.log_kernel("mem", "backward", ops.tensor_bytes(src) + ops.tensor_bytes(rep))
         scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
         tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
         if arch.attn_logit_softcap is not None:

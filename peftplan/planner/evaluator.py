@@ -6,7 +6,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Sequence
 
-from ..arch import ModelArch
+from ..arch import ModelArch, resolve_attention
 from ..catalog import GPU
 from ..engine import roofline
 from ..estimate import Estimate, estimate, overheads
@@ -53,6 +53,7 @@ class Evaluator:
     def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str,
                   accumulate: bool = False) -> _Structure:
         base = _with_ckpt_options(variant.base, grad_ckpt)
+        attention = resolve_attention(self.arch, attention, explicit=False)[0]  # as estimate() resolves it
         ranks: tuple[int | None, ...] = self.ranks if variant.method in LORA_LIKE else (None,)
         key = (id(self.arch), base, ranks, grad_ckpt, attention, precision, accumulate)
         hit = _STRUCT_CACHE.get(key)

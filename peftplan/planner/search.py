@@ -307,13 +307,15 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
                 continue
             row = replace(row_from_estimate(row.config, est), train_time_s=row.train_time_s,
                           train_cost_usd=row.train_cost_usd)
-            if first is None and row.fits and not out:
-                first = est
+        else:
+            est = None
         if not row.fits or row.headroom_bytes < 0:
             # not fitting, or fitting only because the caching allocator flushes its cache and retries
             # (fit.py: every flush synchronizes the step): not a configuration to recommend
             missed.append(row)
             continue
+        if first is None and est is not None and not out:
+            first = est
         if row.path == "direct":
             exact_keys.add(key)
         out.append(row)
