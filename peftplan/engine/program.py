@@ -106,7 +106,7 @@ def embeddings_out(ctx: Ctx, arch: ModelArch, h: Tensor, params: "ModelParams") 
         ctx.tape.drop(h)
         h = hn
     p = float(arch.config.get("embd_pdrop", 0.0) or 0.0) if arch.family == "gpt2" else \
-        (hidden_dropout(arch) if arch.family in ("bert", "opt", "t5") else 0.0)
+        (hidden_dropout(arch) if arch.family in ("bert", "t5") else 0.0)  # OPTDecoder (5.23) sets but never applies it
     out = _dropout(ctx, h, p)
     ctx.tape.drop(h)
     return out
@@ -732,8 +732,10 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             gate, up = tuned_linear(ctx, x, lps["up"]), None
         if arch.activation == "gelu_new" or (arch.family == "t5" and arch.activation == "gelu"):
             act = _gelu_new(ctx, gate)
+        elif arch.activation == "relu":  # ReluBackward0 uses its result (derivatives.yaml threshold_backward)
+            act = elementwise(ctx, "act", gate, save_inputs=False, save_output=True)
         else:
-            act = elementwise(ctx, "act", gate)  # silu / gelu / bloom GeLUFunction save their input; relu its output
+            act = elementwise(ctx, "act", gate)  # silu / gelu / bloom GeLUFunction save their input
         tape.drop(gate)
         if up is not None:
             prod = mul(ctx, act, up)
