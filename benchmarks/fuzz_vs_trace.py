@@ -145,7 +145,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/fuzz_vs_trace", help="path stem: writes STEM.md and STEM.json")
+    ap.add_argument("--resummarize", action="store_true",
+                    help="re-read STEM.json and rewrite both files with the current known-deviation classes "
+                         "(no case is re-run; the measured bytes stay as they were)")
     args = ap.parse_args()
+    if args.resummarize:
+        _resummarize(Path(args.out))
+        return
     t0 = time.perf_counter()
     cases = draw_cases(args.examples, args.seed)
     print(f"{len(cases)} distinct cases drawn (seed {args.seed})", flush=True)
@@ -166,6 +172,23 @@ def main() -> None:
     stem.with_suffix(".md").write_text(to_markdown(summary, rows, args.seed, seconds), encoding="utf-8")
     o = summary["overall"]
     print(f"{o['n']} cases, {o['within_1pct']}/{o['compared']} within 1%; wrote {stem}.md and {stem}.json")
+
+
+def _resummarize(stem: Path) -> None:
+    data = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    rows = data["rows"]
+    for r in rows:
+        case = fuzz.FuzzCase(r["model"], r["layers"], r["method"], r["options"], r["training"])
+        out = fuzz.FuzzOutcome(case, r["engine_bytes"], r["trace_bytes"], r["engine_refusal"], r["trace_refusal"],
+                               r["trace_error"])
+        r["known_deviation"] = fuzz.known_deviation(out)
+        r["verdict"] = out.verdict
+    summary = summarize(rows)
+    data["summary"] = summary
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    stem.with_suffix(".md").write_text(to_markdown(summary, rows, data["seed"], data["seconds"]), encoding="utf-8")
+    o = summary["overall"]
+    print(f"{o['n']} cases, {o['within_1pct']}/{o['compared']} within 1%, {o['known_deviation']} in known classes")
 
 
 if __name__ == "__main__":
