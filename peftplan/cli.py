@@ -141,6 +141,7 @@ def estimate(
         from .estimate import estimate as core_estimate
         from .arch import resolve_attention
         from .methods import explicit_grad_ckpt_options, get_method
+        from .trainers import default_trainer_for
         from .units import parse_bytes
 
         run_config = None
@@ -165,7 +166,7 @@ def estimate(
         if gpu_memory is not None:
             g = custom_gpu(parse_bytes(gpu_memory), g)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
-                             optimizer_impl, n_gpus, shard, offload, base=base_training, trainer=trainer,
+                             optimizer_impl, n_gpus, shard, offload, base=base_training, trainer=default_trainer_for(arch, trainer),
                              trainer_options=_trainer_options(packing=packing, padding_free=padding_free,
                                                               liger=liger), alloc_conf=alloc_conf)
         if attn is not None:

@@ -112,6 +112,7 @@ def trace(
         from .catalog import load_gpu, load_model
         from .estimate import estimate as core_estimate
         from .methods import explicit_grad_ckpt_options, get_method
+        from .trainers import default_trainer_for
 
         if model is None:
             _fail("--model is required")
@@ -120,7 +121,7 @@ def trace(
         arch = load_model(model)
         g = load_gpu(gpu)
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
-                             optimizer_impl, trainer=trainer,
+                             optimizer_impl, trainer=default_trainer_for(arch, trainer),
                              trainer_options=_trainer_options(packing=packing, padding_free=padding_free))
         if attn is not None:
             from .arch import resolve_attention

@@ -8,7 +8,7 @@ from . import hf as _hf  # noqa: F401  (registers)
 from . import llamafactory as _llamafactory  # noqa: F401  (registers)
 from . import trl as _trl  # noqa: F401  (registers)
 
-__all__ = ["Default", "TrainerError", "TrainerSpec", "register", "registry", "get_trainer", "trainer_names",
+__all__ = ["Default", "TrainerError", "TrainerSpec", "register", "registry", "get_trainer", "trainer_names", "default_trainer_for",
            "CLI_DEFAULT_TRAINER"]
 
 # What `peftplan estimate` models when --trainer is not given: TRL's SFTTrainer, the trainer the HF docs teach for
@@ -26,3 +26,12 @@ def get_trainer(name: str) -> TrainerSpec:
     if spec is None:
         raise TrainerError(f"unknown trainer {name!r} (choose from {', '.join(trainer_names())})")
     return spec
+
+
+def default_trainer_for(arch, trainer: str | None) -> str | None:  # type: ignore[no-untyped-def]
+    """The trainer a command models: the user's choice, else the CLI default (None lets `_training` apply it).
+    TRL's SFTTrainer trains causal LMs only, so a seq2seq or masked LM without --trainer gets the bare
+    transformers Trainer step (`hf`), which is what its users run."""
+    if trainer is None and arch.task != "causal-lm":
+        return "hf"
+    return trainer
