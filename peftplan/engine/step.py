@@ -398,7 +398,8 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
     else:
         step_scratch = 0 if training.optimizer.startswith("adamw") or training.optimizer.startswith("paged") \
             else max((c.scratch_bytes for c in costs), default=0)
-    step_scratch += sharding.step_scratch(alloc, trainables)
+    sharded_scratch = sharding.step_scratch(alloc, trainables)  # ZeRO's flat copies (engine/deepspeed.py)
+    step_scratch += sharded_scratch
     states_alive = False
     grad_bytes = 0
     for step in (1, 2):
@@ -420,10 +421,13 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
                 alloc.parts = parts
             alloc.add_bytes(state_bytes, "optimizer_state")
             states_alive = True
+        scratch_parts: list[int] = []
         if sequential_parts:  # one parameter at a time: its temporaries and the previous one's leftover
-            alloc.parts = list(sequential_parts)
+            scratch_parts = list(sequential_parts)
         elif training.optimizer_impl == "foreach":  # _multi_tensor_*: one scratch tensor per parameter, a list
-            alloc.parts = [c.scratch_bytes for c in costs if c.scratch_bytes]
+            scratch_parts = [c.scratch_bytes for c in costs if c.scratch_bytes]
+        if scratch_parts:  # the separate tensors of the spike, whose sum is the spike (engine/allocator.py replays them)
+            alloc.parts = scratch_parts + ([sharded_scratch] if sharded_scratch else [])
         alloc.spike(step_scratch)
         grad_bytes = alloc.by_category["grads"]
         # zero_grad(set_to_none=True): every gradient freed
