@@ -49,14 +49,63 @@ def draw_cases(n: int, seed: int) -> list[fuzz.FuzzCase]:
     return list(unique.values())
 
 
+CASE_TIMEOUT_S = 300  # a case still running after this is recorded as a tracer error (a hung worker dies)
+
+
 def _run(case: fuzz.FuzzCase) -> dict:
+    import faulthandler
+
     import torch
 
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)  # a deadlocked trace kills its worker
     t0 = time.perf_counter()
     out = fuzz.run_case(case).to_dict()
+    faulthandler.cancel_dump_traceback_later()
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _run_all(cases: list[fuzz.FuzzCase], jobs: int, sink: Path) -> list[dict]:
+    """Every case in worker processes; each row is appended to `sink` (JSON lines) as it completes, and a
+    case whose worker dies (timeout, crash) is recorded as a tracer error."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    rows: list[dict] = []
+    pending = list(cases)
+    with sink.open("a", encoding="utf-8") as out:
+        while pending:
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = {pool.submit(_run, c): c for c in pending}
+                done: set[str] = set()
+                try:
+                    for fut in as_completed(futures):
+                        row = fut.result()
+                        rows.append(row)
+                        done.add(futures[fut].label())
+                        out.write(json.dumps(row, default=str) + "\n")
+                        out.flush()
+                        i = len(rows)
+                        if row["verdict"] not in ("pass", "both-refuse") or i % 100 == 0:
+                            err = f"{100 * row['error']:+.3f}%" if row["error"] is not None else ""
+                            print(f"[{i}/{len(cases)}] {row['verdict']} {err} {row['model']} L{row['layers']} "
+                                  f"{row['method']} {row['options']} {row['training']}", flush=True)
+                except BrokenProcessPool:
+                    pass
+            # a worker died (a case hung past CASE_TIMEOUT_S, or crashed): the earliest unfinished case was the
+            # one running; record it as a tracer error and resubmit the rest
+            lost = [c for c in pending if c.label() not in done]
+            for c in lost[:1]:
+                row = fuzz.FuzzOutcome(c, trace_error=f"worker died (timeout {CASE_TIMEOUT_S} s or crash)").to_dict()
+                row["seconds"] = None
+                rows.append(row)
+                out.write(json.dumps(row, default=str) + "\n")
+                print(f"[{len(rows)}/{len(cases)}] trace-error (worker died) {c.label()}", flush=True)
+            recorded = {json.dumps({k: r[k] for k in ("model", "layers", "method", "options", "training")},
+                                   sort_keys=True) for r in rows}
+            pending = [c for c in pending if c.label() not in recorded]
+    return rows
 
 
 def _family(model: str) -> str:
@@ -155,14 +204,10 @@ def main() -> None:
     t0 = time.perf_counter()
     cases = draw_cases(args.examples, args.seed)
     print(f"{len(cases)} distinct cases drawn (seed {args.seed})", flush=True)
-    rows: list[dict] = []
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for i, row in enumerate(pool.imap_unordered(_run, cases), 1):
-            rows.append(row)
-            if row["verdict"] not in ("pass", "both-refuse") or i % 100 == 0:
-                err = f"{100 * row['error']:+.3f}%" if row["error"] is not None else ""
-                print(f"[{i}/{len(cases)}] {row['verdict']} {err} {row['model']} L{row['layers']} {row['method']} "
-                      f"{row['options']} {row['training']}", flush=True)
+    sink = Path(args.out).with_suffix(".jsonl")
+    sink.parent.mkdir(parents=True, exist_ok=True)
+    sink.write_text("", encoding="utf-8")
+    rows = _run_all(cases, args.jobs, sink)
     seconds = time.perf_counter() - t0
     summary = summarize(rows)
     stem = Path(args.out)
