@@ -8,7 +8,8 @@ refuses, or fall in a named known-deviation class. A failure is shrunk by hypoth
 
 The seed is random per run and printed in the failure message and the terminal summary; set
 PEFTPLAN_FUZZ_SEED to reproduce a run, PEFTPLAN_FUZZ_EXAMPLES to change its size (default 30,
-about a minute on two cores). benchmarks/fuzz_vs_trace.py runs thousands of examples.
+about a minute on two cores). CI (.ci/run) pins a seed verified on the submitted commit, so the gate
+reproduces; benchmarks/fuzz_vs_trace.py runs thousands of examples.
 """
 
 import os
