@@ -52,7 +52,7 @@ from ..arch import ModelArch
 from ..training import Training
 from . import HarnessError, NotTraceable
 from .build import build_model, coerce_options, make_optimizer
-from .trace import BLOCK, MemoryTracker, _inputs, _module_hooks, _phase_label, environment
+from .trace import BLOCK, MemoryTracker, _inputs, _module_hooks, _phase_label, environment, peak_summary
 
 STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -141,18 +141,7 @@ def _summary(tr: MemoryTracker) -> dict[str, Any]:
     largest = [{"category": r.category(), "op": r.op, "module": r.module, "shape": list(r.shape),
                 "dtype": str(r.dtype).replace("torch.", ""), "bytes": r.nbytes, "phase": _phase_label(tr.phases[r.phase])}
                for r in sorted(live, key=lambda r: -r.nbytes)[:40]]
-    peak_rec, _, peak_ph = tr.events[peak_i]
-    kind, step, mb = tr.phases[peak_ph]
-    by_kind: dict[str, int] = {}
-    detail: dict[str, int] = {}
-    for ph, b in phase_peak.items():
-        label = _phase_label(tr.phases[ph])
-        detail[label] = max(detail.get(label, 0), b)
-        by_kind[tr.phases[ph][0]] = max(by_kind.get(tr.phases[ph][0], 0), b)
-    return {"peak_allocated_bytes": peak, "components": {k: v for k, v in components.items() if v},
-            "peak_phase": {"phase": kind, "step": step, "micro_batch": mb, "op": peak_rec.op,
-                           "module": peak_rec.module},
-            "phase_peaks": by_kind, "phase_peaks_detail": detail, "largest_at_peak": largest}
+    return {**peak_summary(tr, peak, peak_i, phase_peak, components), "largest_at_peak": largest}
 
 
 def _tensors(obj: Any, depth: int = 0):

@@ -38,7 +38,7 @@ from ..arch import ModelArch
 from ..training import Training
 from . import HarnessError, NotTraceable
 from .build import build_model, coerce_options, find_blocks, make_optimizer
-from .trace import (_GEMM_4BIT, BLOCK, MemoryTracker, _inputs, forward_loss, _module_hooks, _patched, _phase_label,
+from .trace import (_GEMM_4BIT, BLOCK, MemoryTracker, _inputs, forward_loss, _module_hooks, _patched, peak_summary,
                     environment)
 
 FSDP_CATEGORIES = ("frozen_params", "trainable_params", "buffers", "quant_constants", "inputs", "grads",
@@ -181,18 +181,7 @@ def _summary(tr: FSDPMemoryTracker) -> dict[str, Any]:
         seen.add(id(rec))
         if rec.free is None or rec.free > peak_i:
             components[rec.category()] = components.get(rec.category(), 0) + rec.nbytes
-    peak_rec, _, peak_ph = tr.events[peak_i]
-    kind, step, mb = tr.phases[peak_ph]
-    by_kind: dict[str, int] = {}
-    detail: dict[str, int] = {}
-    for ph, b in phase_peak.items():
-        label = _phase_label(tr.phases[ph])
-        detail[label] = max(detail.get(label, 0), b)
-        by_kind[tr.phases[ph][0]] = max(by_kind.get(tr.phases[ph][0], 0), b)
-    return {"peak_allocated_bytes": peak, "components": {k: v for k, v in components.items() if v},
-            "peak_phase": {"phase": kind, "step": step, "micro_batch": mb, "op": peak_rec.op,
-                           "module": peak_rec.module},
-            "phase_peaks": by_kind, "phase_peaks_detail": detail}
+    return peak_summary(tr, peak, peak_i, phase_peak, components)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

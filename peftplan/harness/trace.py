@@ -436,6 +436,25 @@ def allocator_events(tr: MemoryTracker) -> list[int]:
     return out
 
 
+def peak_summary(tr: MemoryTracker, peak: int, peak_i: int, phase_peak: dict[int, int],
+                 components: dict[str, int]) -> dict[str, Any]:
+    """The record fields of a trace's peak (bytes, components, where, per-phase peaks) from the peak found
+    by a tracer's own walk over `tr.events` (the FSDP2 and DeepSpeed tracers count host memory and the
+    load phase their own way)."""
+    peak_rec, _, peak_ph = tr.events[peak_i]
+    kind, step, mb = tr.phases[peak_ph]
+    by_kind: dict[str, int] = {}
+    detail: dict[str, int] = {}
+    for ph, b in phase_peak.items():
+        label = _phase_label(tr.phases[ph])
+        detail[label] = max(detail.get(label, 0), b)
+        by_kind[tr.phases[ph][0]] = max(by_kind.get(tr.phases[ph][0], 0), b)
+    return {"peak_allocated_bytes": peak, "components": {k: v for k, v in components.items() if v},
+            "peak_phase": {"phase": kind, "step": step, "micro_batch": mb, "op": peak_rec.op,
+                           "module": peak_rec.module},
+            "phase_peaks": by_kind, "phase_peaks_detail": detail}
+
+
 def event_log(tr: MemoryTracker) -> list[dict[str, Any]]:
     out = []
     total = 0

@@ -40,7 +40,7 @@ from ..engine.sim import ALLOC_BLOCK
 from ..estimate import Params, count_params
 from ..methods import MethodError, get_method
 from ..training import Training, TrainingError
-from .replay_time import KernelPolys
+from .replay_time import KernelPolys, split_eval as _split_eval
 from .space import Variant
 
 _DIGIT = 64
@@ -86,19 +86,6 @@ def _poly(digits: Sequence[int]) -> tuple[int, ...]:
 def _monomials(T: int, r: int) -> tuple[int, ...]:
     """Values of 1, T, T^2, r, rT, rT^2: the B-free half of _POS (the B half is the same times B)."""
     return (1, T, T * T, r, T * r, T * T * r)
-
-
-def _split_eval(coefs: Sequence[int], mono: tuple[int, ...]) -> tuple[int, int]:
-    """(B-free part, coefficient of B) of a polynomial at (T, r)."""
-    d = e = 0
-    for i in range(6):
-        c = coefs[i]
-        if c:
-            d += c * mono[i]
-        c = coefs[i + 6]
-        if c:
-            e += c * mono[i]
-    return d, e
 
 
 _NEW, _FREE, _ADD, _SPIKE = 0, 1, 2, 3

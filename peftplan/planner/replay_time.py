@@ -16,6 +16,20 @@ from ..engine import roofline
 from ..engine.sim import rounded
 
 
+def split_eval(coefs: Sequence[int], mono: tuple[int, ...]) -> tuple[int, int]:
+    """(B-free part, coefficient of B) of a replay polynomial at (T, r): `coefs` holds 6 coefficients of the
+    monomials `mono` = (1, T, T^2, r, T r, T^2 r) and 6 more for the same monomials times B."""
+    d = e = 0
+    for i in range(6):
+        c = coefs[i]
+        if c:
+            d += c * mono[i]
+        c = coefs[i + 6]
+        if c:
+            e += c * mono[i]
+    return d, e
+
+
 class KernelPolys:
     """A micro-batch's kernels as polynomials (12 coefficients each, replay._POS order)."""
 
@@ -44,14 +58,7 @@ class KernelPolys:
         mono = (1, T, T * T, r, T * r, T * T * r)
 
         def ev(coefs: Sequence[int]) -> int:
-            d = e = 0
-            for i in range(6):
-                c = coefs[i]
-                if c:
-                    d += c * mono[i]
-                c = coefs[i + 6]
-                if c:
-                    e += c * mono[i]
+            d, e = split_eval(coefs, mono)
             return d + B * e
 
         mm: dict[tuple[Any, ...], int] = {}
