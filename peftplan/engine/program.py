@@ -448,6 +448,11 @@ def _layernorm(ctx: Ctx, h: Tensor, w: Param) -> Tensor:
 def _norm(ctx: Ctx, arch: ModelArch, h: Tensor, w: Param) -> Tensor:
     if arch.norm_kind == "layernorm":
         return _layernorm(ctx, h, w)
+    if arch.family in ("gemma3", "olmo2", "gpt_oss"):
+        # their final norm is the blocks' RMSNorm class (Gemma3RMSNorm, Olmo2RMSNorm, GptOssRMSNorm)
+        from .program_modern import norm_style, rmsnorm
+
+        return rmsnorm(ctx, h, w, h.numel // arch.hidden_size, norm_style(arch))
     return _rmsnorm(ctx, h, w, gemma=arch.family == "gemma2", t5=arch.family == "t5")
 
 

@@ -23,19 +23,18 @@ from .ops import Ctx, cast, elementwise, linear, mul, promote
 from .sim import Tensor
 
 
-def gpt_oss_router(ctx: Ctx, x: Tensor, moe: MoE, weight: Param, bias: Param) -> tuple[Tensor, Tensor]:
-    """(routing scores N x k, expert indices N x k)."""
+def gpt_oss_router(ctx: Ctx, x: Tensor, moe: MoE, weight: Param, bias: Param) -> tuple[Tensor, Tensor, Tensor]:
+    """(router logits N x E, routing scores N x k, expert indices N x k); the caller drops them."""
     tape = ctx.tape
     N, E, k = ctx.tokens, moe.num_experts, moe.top_k
     logits = linear(ctx, x, weight, bias, E)
     top = tape.new(N * k, logits.dtype, logits.requires_grad, "topk_values")
     idx = tape.new(N * k, INT64, False, "topk_indices")
     tape.record("topk", [logits], [top], [idx])
-    tape.drop(logits)
     scores = tape.new(N * k, top.dtype, top.requires_grad, "router_softmax")
     tape.record("softmax", [top], [scores], [scores])
     tape.drop(top)
-    return scores, idx
+    return logits, scores, idx
 
 
 def gpt_oss_gate(ctx: Ctx, gate_up: Tensor) -> Tensor:
@@ -73,6 +72,11 @@ def sink_attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: 
     groups = H // K
     kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
     vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
+    if groups > 1:
+        # repeat_kv (expand + reshape: a copy) is a node of the graph: its backward sums the copies'
+        # gradients into k's and v's (without it their gradients would live to the end of backward)
+        tape.record("repeat_kv", [kc], [kr], [])
+        tape.record("repeat_kv", [vc], [vr], [])
     tape.drop(kc, vc)
     n_scores = B * H * T * S
     bmm = 2 * B * H * T * S * hd

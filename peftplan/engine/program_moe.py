@@ -112,7 +112,7 @@ def _softmax_router(ctx: Ctx, logits: Tensor, moe: MoE) -> tuple[Tensor, Tensor]
         l32 = tape.alloc.retain(logits)  # softmax(..., dtype=torch.float) converts inside the op
     probs = tape.new(N * E, FP32, l32.requires_grad, "router_softmax")
     tape.record("softmax", [l32], [probs], [probs])
-    tape.drop(l32, logits)  # output_router_logits=False: nothing keeps the logits
+    tape.drop(l32)  # the caller's `_` keeps router_logits alive until the MoE block returns (moe_forward)
     top = tape.new(N * k, FP32, probs.requires_grad, "topk_values")
     idx = tape.new(N * k, INT64, False, "topk_indices")
     tape.record("topk", [probs], [top], [idx])  # TopkBackward0 saves the indices
@@ -143,10 +143,13 @@ def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: dict[str, Param],
     by_name = {n.removeprefix("mlp."): p for n, p in params.items()}
     router, gate_up, down = by_name[f"{moe.router}.weight"], by_name["experts.gate_up_proj"], by_name["experts.down_proj"]
     # ---- router ----
+    # The block binds the router's outputs to locals (`_, top_k_weights, top_k_index = self.gate(...)`;
+    # gpt-oss: `_, router_scores, router_indices = self.router(...)`): the logits (`_`), the weights and
+    # the indices stay alive until the MoE block returns, whatever the experts' code does with them.
     if moe.kind == "gpt_oss":
         from .program_gptoss import gpt_oss_router
 
-        scores, idx = gpt_oss_router(ctx, x, moe, router, by_name[f"{moe.router}.bias"])
+        logits, scores, idx = gpt_oss_router(ctx, x, moe, router, by_name[f"{moe.router}.bias"])
     elif "gate.weight" in lora:
         wr = adapted_weight(ctx, router, lora["gate.weight"], ranks["gate.weight"], 1)
         logits = _router_linear(ctx, x, wr, E)
@@ -155,27 +158,26 @@ def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: dict[str, Param],
         logits = linear(ctx, x, router, None, E)  # F.linear under autocast: N x E in the compute dtype
     if moe.kind != "gpt_oss":
         scores, idx = _softmax_router(ctx, logits, moe)
-    # ---- experts (grouped_mm_experts_forward) ----
+    # ---- experts (integrations/moe.py grouped_mm_experts_forward) ----
+    # Its locals (`expert_ids_g`, `perm`, `selected_hidden_states_g`, `sample_weights_g`, `histc_input`,
+    # `tokens_per_expert`, `offsets`, `selected_biases`, `inv_perm`, `weighted_out`) live until it returns;
+    # `selected_weights` / `selected_biases` and `proj_out` / `weighted_out` are rebound (the old tensor
+    # dies after the new one exists).
     ids_sorted = tape.new(S, INT64, False, "sort_values")
     perm = tape.new(S, INT64, False, "sort_indices")
-    tape.drop(idx)  # top_k_index is referenced by the sort only
     gather = tape.new(S, INT64, False, "perm_div_topk")
     xs = tape.new(S * D, x.dtype, x.requires_grad, "gathered_tokens")
     tape.record("index", [x], [xs], [gather])  # IndexBackward0 saves the indices
     tape.drop(gather)
     sw = tape.new(S, scores.dtype, scores.requires_grad, "sorted_scores")
     tape.record("index", [scores], [sw], [perm])
-    tape.drop(scores)
     histc_in = tape.new(S, FP32, False, "histc_input")  # expert_ids_g.float() (cpu) / .int() (cuda): 4 bytes
     per_expert = tape.new(E, FP32, False, "tokens_per_expert")
-    tape.drop(histc_in)
     offs = tape.new(E, INT32, False, "offsets")
-    tape.drop(per_expert)
     # has_bias (gpt_oss): `self.gate_up_proj_bias[expert_ids_g]`, gathered before the GEMM, added in place
     bias_gu = _gather_bias(ctx, by_name.get("experts.gate_up_proj_bias"), ids_sorted, S, 2 * F)
     w_gu = adapted_weight(ctx, gate_up, lora.get("experts.gate_up_proj"), ranks.get("experts.gate_up_proj", 0), E)
     up_out = _grouped_mm(ctx, xs, w_gu, offs, S, D, 2 * F)
-    tape.drop(xs, w_gu, bias_gu)
     if moe.kind == "gpt_oss":
         from .program_gptoss import gpt_oss_gate
 
@@ -189,19 +191,28 @@ def moe_forward(ctx: Ctx, x: Tensor, moe: MoE, params: dict[str, Param],
         prod = mul(ctx, act, up)
         tape.drop(act, up)
     tape.drop(up_out)
-    bias_d = _gather_bias(ctx, by_name.get("experts.down_proj_bias"), ids_sorted, S, D)
     w_d = adapted_weight(ctx, down, lora.get("experts.down_proj"), ranks.get("experts.down_proj", 0), E)
+    tape.drop(w_gu)  # `selected_weights = self.down_proj`
+    bias_d = _gather_bias(ctx, by_name.get("experts.down_proj_bias"), ids_sorted, S, D)
+    tape.drop(bias_gu)  # `selected_biases = self.down_proj_bias[expert_ids_g]`
     d_out = _grouped_mm(ctx, prod, w_d, offs, S, F, D)
-    tape.drop(prod, offs, w_d, bias_d, ids_sorted)
+    tape.drop(prod)
     weighted = elementwise(ctx, "mul", d_out, sw, numel=S * D, out_dtype=promote(d_out.dtype, sw.dtype))
-    tape.drop(d_out, sw, perm)
-    inv_perm = tape.new(S, INT64, False, "inv_perm")
+    tape.drop(d_out)
+    inv_perm = tape.new(S, INT64, False, "inv_perm")  # torch.empty_like(perm)
+    positions = tape.new(S, INT64, False, "arange")  # `inv_perm[perm] = torch.arange(...)`: a temporary
+    tape.drop(positions)
     unperm = tape.new(S * D, weighted.dtype, weighted.requires_grad, "unpermuted")
     tape.record("index", [weighted], [unperm], [inv_perm])
-    tape.drop(weighted, inv_perm)
+    tape.drop(weighted)
     summed = tape.new(N * D, unperm.dtype, unperm.requires_grad, "topk_sum_out")
     tape.record("sum", [unperm], [summed], [])
-    tape.drop(unperm)
     out = cast(ctx, summed, x.dtype)
     tape.drop(summed)
+    # grouped_mm_experts_forward returns: its frame's locals die, in the order they were bound
+    tape.drop(ids_sorted, perm, xs, sw, histc_in, per_expert, offs, w_d, bias_d, inv_perm, unperm)
+    # ... then the MoE block returns (`_`, the routing weights and indices); gpt-oss's decoder layer keeps
+    # the returned router scores (`hidden_states, _ = self.mlp(...)`) until its residual add, modelled
+    # here as the block's end (N x k elements)
+    tape.drop(logits, scores, idx)
     return out

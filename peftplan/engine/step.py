@@ -208,7 +208,9 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         # dtype, shared by all layers; Gemma3TextModel.forward builds one pair per distinct layer type
         # (`for layer_type in set(self.config.layer_types)`: global and local RoPE bases)
         pairs = len({b.sliding_window is not None for b in arch.blocks}) if arch.family == "gemma3" else 1
-        rope_tables = [alloc.new(T * arch.head_dim, h.dtype, "saved_activations") for _ in range(2 * pairs)]
+        # GptOssRotaryEmbedding.forward: `emb = freqs` (no cat of two halves): cos/sin are T x hd/2
+        width = arch.head_dim // 2 if arch.family == "gpt_oss" else arch.head_dim
+        rope_tables = [alloc.new(T * width, h.dtype, "saved_activations") for _ in range(2 * pairs)]
         cos = rope_tables[0]
     layer_masks = _layer_masks(alloc, arch, training, B, T, h.dtype,
                                params.blocks[0].tuned.prefix_tokens if params.blocks else 0)  # program_modern families' sliding masks
