@@ -23,7 +23,7 @@ from peftplan.records import RecordError, load_record, parse_record
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model_type="llama", vocab_size=1000, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256, tie_word_embeddings=False)
-# `python -m peftplan.cli` would load cli.py twice (as __main__ and as peftplan.cli): run the app itself
+# run the app itself, as the console script does
 CLI = "import sys; from peftplan.cli import app; sys.argv[0] = 'peftplan'; app()"
 CAPACITY = 5 * 2**20  # between the s32 peak (3.7 MiB) and the s128 peak (7.2 MiB) of full fine-tuning
 

@@ -52,7 +52,7 @@ _PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
 # Kernels the roofline (engine/roofline.py) costs from their shapes (engine/ops.py log_matmul, program.py
 # attention and 4-bit logs), and views that launch no kernel (torch.split / chunk)
 _NOT_MEMORY_BOUND = frozenset({"linear", "matmul_4bit", "matmul_qk", "matmul_pv", "sdpa", "split", "chunk"})
-_COUNTER: list = [None]  # engine/ops.py COUNTER (set there: ops imports this module)
+from .counter import COUNTER as _COUNTER  # noqa: E402  (the counter engine/ops.py adds to as well)
 
 
 def _forward_bytes(name: str, inputs: list[Tensor], outputs: list[Tensor]) -> int:
@@ -324,7 +324,7 @@ class _Recorder:
         import copy
 
         def snap():  # type: ignore[no-untyped-def]
-            from . import ops
+            from . import counter as ops
             c = ops.COUNTER[0]
             return (copy.copy(a.peak), dict(a.phase_peaks),
                     (c.forward, c.causal_forward, len(c.kernels)) if c else None)
@@ -353,7 +353,7 @@ class _Recorder:
 
 def _recompute(self: Tape, g: CheckpointGroup) -> None:
     """Run the layer's recompute and hand the recomputed saved tensors to the main tape's nodes."""
-    from . import ops
+    from . import counter as ops
 
     g.done = True
     sub = Tape(self.alloc)
@@ -423,7 +423,7 @@ def reentrant_backward(self: Tape, node: Node) -> None:
     is rerun from its saved input under enable_grad (no early stop: the output is recomputed and
     held as `outputs` until the function returns), `torch.autograd.backward(outputs, grads)` runs the
     layer's backward on that fresh graph, and the input's gradient is returned to the outer graph."""
-    from . import ops
+    from . import counter as ops
 
     g = node.group
     assert g is not None

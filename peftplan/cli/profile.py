@@ -1,7 +1,6 @@
-"""`peftplan` commands of this module register on the shared typer app (see cli.py).
-
-`peftplan profile`: the GPU profiler. Runs a sweep file's configurations, each in its own process,
-and writes one record per run under `<out>/<gpu-slug>/`. torch is imported only by the children.
+"""`peftplan profile`: the GPU profiler. Runs a sweep file's configurations (peftplan/harness/sweep.py),
+each in its own process, and writes one record per run under `<out>/<gpu-slug>/`. torch is imported only by
+the children.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import app, _fail, _guard  # noqa: F401
+from .common import _guard
 
 
 def _probe_device(device: str) -> dict:
@@ -33,7 +32,6 @@ def _probe_device(device: str) -> dict:
     return info
 
 
-@app.command()
 def profile(
     sweep: str = typer.Argument("default", help="sweep file (YAML/JSON) or a bundled sweep name (default, smoke)"),
     device: str = typer.Option("cuda", "--device", help="cuda (the GPU profiler) or cpu (same code path, real CPU "
@@ -69,14 +67,14 @@ def profile(
     def run() -> None:
         from rich.console import Console
 
-        from .harness.sweep import gpu_slug, load_sweep, run_sweep, summary_counts
-        from .units import parse_bytes
+        from ..harness.sweep import gpu_slug, load_sweep, run_sweep, summary_counts
+        from ..units import parse_bytes
 
         if device not in ("cuda", "cpu"):
             raise ValueError(f"--device must be cuda or cpu, got {device!r}")
         overrides = None
         if torchrun is not None:
-            from .harness.sweep import TORCHRUN_SHARDS
+            from ..harness.sweep import TORCHRUN_SHARDS
 
             if torchrun < 2:
                 raise ValueError("--torchrun needs N >= 2 ranks (one rank is the ordinary profiler)")
@@ -123,8 +121,8 @@ def profile(
 def _print_plan(sw, gpu_name: str, device: str, cap: Optional[int], console) -> None:  # type: ignore[no-untyped-def]
     from rich.table import Table
 
-    from .catalog import load_gpu
-    from .harness.sweep import _fmt_gib
+    from ..catalog import load_gpu
+    from ..harness.sweep import _fmt_gib
 
     capacity = cap or load_gpu(gpu_name).memory_bytes
     table = Table(title=f"{sw.name}: {len(sw.runnable)} runs, {len(sw.configs) - len(sw.runnable)} skipped "

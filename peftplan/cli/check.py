@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import _fail, _guard, app
+from .common import _fail, _guard
 
 
 def _pct(x: float | None) -> str:
@@ -66,12 +66,11 @@ def _print(result) -> None:  # type: ignore[no-untyped-def]
 
 def _fuzz_classes() -> list[dict[str, str]]:
     """The fuzzer's named known-deviation classes (reason and measured size), for the gate's output."""
-    from .harness.fuzz import KNOWN_DEVIATIONS
+    from ..harness.fuzz import KNOWN_DEVIATIONS
 
     return [{"name": d.name, "measured": d.measured, "reason": d.reason} for d in KNOWN_DEVIATIONS]
 
 
-@app.command()
 def check(
     paths: Optional[List[str]] = typer.Argument(None, help="record files or directories (default: profiles/)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -87,7 +86,7 @@ def check(
     def run() -> None:
         import os
 
-        from .check import check_paths, write_html
+        from ..check import check_paths, write_html
 
         result = check_paths(list(paths or ["profiles"]))
         if html_path is not None:

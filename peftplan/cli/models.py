@@ -8,7 +8,26 @@ not routed to, arch.ModelArch.active_params). The hub ids, which are long, get t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+import typer
+
+from .common import _guard
+
+
+def models(
+    filter_text: Optional[str] = typer.Argument(None, metavar="[FILTER]",
+                                                help="show only names, hub ids or model_types containing this"),
+    hub: bool = typer.Option(False, "--hub", help="list each model's hub id (they resolve offline)"),
+) -> None:
+    """List the bundled model catalog (MoE: total and active parameters)."""
+
+    def run() -> None:
+        from rich.console import Console
+
+        Console().print(models_table(filter_text, hub))
+
+    _guard(run)
 
 
 def matching(filter_text: str | None) -> list[tuple[str, Any]]:
@@ -16,7 +35,7 @@ def matching(filter_text: str | None) -> list[tuple[str, Any]]:
     (case-insensitive); all of them without a filter."""
     import json
 
-    from .catalog import _data_dir, model_index
+    from ..catalog import _data_dir, model_index
 
     out = []
     needle = (filter_text or "").strip().lower()
@@ -36,9 +55,9 @@ def models_table(filter_text: str | None, hub: bool):  # type: ignore[no-untyped
     from rich import box
     from rich.table import Table
 
-    from .catalog import load_model, model_index
-    from .suggest import did_you_mean
-    from .units import fmt_count
+    from ..catalog import load_model, model_index
+    from ..suggest import did_you_mean
+    from ..units import fmt_count
 
     rows = matching(filter_text)
     if not rows:

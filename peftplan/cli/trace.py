@@ -1,6 +1,6 @@
 """`peftplan trace`: run the real HF + peft step on the CPU tracer, beside the engine's prediction.
 
-The command registers on the shared typer app (see cli.py); torch is imported only inside it.
+torch is imported only inside the command (the tracer is peftplan/harness/trace.py).
 """
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from typing import Any, Optional
 
 import typer
 
-from .cli import METHOD_HELP, TRAINER_HELP, _fail, _guard, _method_options, _trainer_options, _training, app
+from .common import (ADAPTER_KIND_OPTION, ADAPTER_SIZE_OPTION, ALPHA_OPTION, DOUBLE_QUANT_OPTION, DROPOUT_OPTION,
+                     GRAD_ACCUM_OPTION, KBIT_PREP_OPTION, METHOD_OPTION, OPTIMIZER_IMPL_OPTION, PACKING_OPTION,
+                     PADDING_FREE_OPTION, QUANT_OPTION, RANK_OPTION, TRAINER_OPTION, _fail, _guard,
+                     _method_options, _trainer_options, _training)
 
 
 def _harness_errors() -> tuple[type[BaseException], ...]:
-    from .harness import HarnessError
+    from ..harness import HarnessError
 
     return (HarnessError,)
 
@@ -27,7 +30,7 @@ def _print_single(res: Any, est: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .display import COMPONENT_LABELS
+    from ..display import COMPONENT_LABELS
 
     console = Console()
     t = est.training
@@ -58,33 +61,32 @@ def _print_single(res: Any, est: Any) -> None:
     console.print(table)
 
 
-@app.command()
 def trace(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="catalog name, HF hub id (catalog aliases resolve offline), or path to a config.json (read as JSON only)"),
-    method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP + " (default lora)"),
+    method: Optional[str] = METHOD_OPTION,
     gpu: str = typer.Option("a100-80g", "--gpu", "-g", help="GPU the engine's prediction is made for (the trace itself runs on the CPU)"),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="LoRA rank r (peft default 8)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="lora_alpha (peft default 8)"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="lora_dropout (peft default 0.0)"),
+    rank: Optional[int] = RANK_OPTION,
+    alpha: Optional[float] = ALPHA_OPTION,
+    dropout: Optional[float] = DROPOUT_OPTION,
     targets: Optional[str] = typer.Option(None, "--targets", help="modules as the model names them, or qv / attn / all-linear"),
     batch: Optional[int] = typer.Option(None, "--batch", "-b", help="micro-batch (HF default 8)"),
     seq: Optional[int] = typer.Option(None, "--seq", "-s", help="sequence length in tokens (default 1024)"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="gradient accumulation steps (HF default 1)"),
+    grad_accum: Optional[int] = GRAD_ACCUM_OPTION,
     grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing (HF default off)"),
     attn: Optional[str] = typer.Option(None, "--attn", help="eager or sdpa (flash cannot run on the CPU tracer)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16-mixed, bf16-mixed (default), fp16, bf16"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw (default), sgd, sgd-momentum, adafactor (CUDA-only optimizers cannot be traced)"),
-    optimizer_impl: Optional[str] = typer.Option(None, "--optimizer-impl", help="fused (default), foreach, for-loop"),
-    quant: Optional[str] = typer.Option(None, "--quant", help="qlora base: nf4 (default), fp4, int8"),
-    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="qlora: quantize the absmax constants (default on)"),
-    kbit_prep: Optional[bool] = typer.Option(None, "--kbit-prep/--no-kbit-prep", help="qlora: peft.prepare_model_for_kbit_training (default on)"),
+    optimizer_impl: Optional[str] = OPTIMIZER_IMPL_OPTION,
+    quant: Optional[str] = QUANT_OPTION,
+    double_quant: Optional[bool] = DOUBLE_QUANT_OPTION,
+    kbit_prep: Optional[bool] = KBIT_PREP_OPTION,
     lisa_layers: Optional[int] = typer.Option(None, "--lisa-layers", help="lisa: number of trainable layers (default 2)"),
-    adapter_size: Optional[int] = typer.Option(None, "--adapter-size", help="adapter: bottleneck width (default 64)"),
-    adapter_kind: Optional[str] = typer.Option(None, "--adapter-kind", help="adapter: houlsby (default), pfeiffer, parallel"),
+    adapter_size: Optional[int] = ADAPTER_SIZE_OPTION,
+    adapter_kind: Optional[str] = ADAPTER_KIND_OPTION,
     virtual_tokens: Optional[int] = typer.Option(None, "--virtual-tokens", help="prompt/prefix/ptuning: virtual tokens (default 20)"),
-    trainer: Optional[str] = typer.Option(None, "--trainer", "-t", help=TRAINER_HELP),
-    packing: Optional[bool] = typer.Option(None, "--packing", help="trl: SFTConfig.packing (same per-step shapes)"),
-    padding_free: Optional[bool] = typer.Option(None, "--padding-free", help="trl: SFTConfig.padding_free (same tokens per step)"),
+    trainer: Optional[str] = TRAINER_OPTION,
+    packing: Optional[bool] = PACKING_OPTION,
+    padding_free: Optional[bool] = PADDING_FREE_OPTION,
     steps: int = typer.Option(2, "--steps", help="optimizer steps to trace (2: the first creates the optimizer state)"),
     real: bool = typer.Option(False, "--real", help="real CPU tensors instead of fake ones (small models only)"),
     as_json: bool = typer.Option(False, "--json", help="print the trace record (TraceResult.to_dict()) as JSON"),
@@ -109,10 +111,10 @@ def trace(
             _fail("--out-dir needs --matrix (a single trace is written with --out)")
         from pathlib import Path
 
-        from .catalog import load_gpu, load_model
-        from .estimate import estimate as core_estimate
-        from .methods import explicit_grad_ckpt_options, get_method
-        from .trainers import default_trainer_for
+        from ..catalog import load_gpu, load_model
+        from ..estimate import estimate as core_estimate
+        from ..methods import explicit_grad_ckpt_options, get_method
+        from ..trainers import default_trainer_for
 
         if model is None:
             _fail("--model is required")
@@ -124,7 +126,7 @@ def trace(
                              optimizer_impl, trainer=default_trainer_for(arch, trainer),
                              trainer_options=_trainer_options(packing=packing, padding_free=padding_free))
         if attn is not None:
-            from .arch import resolve_attention
+            from ..arch import resolve_attention
             resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
         options = _method_options(rank=rank, alpha=alpha, dropout=dropout, targets=targets, quant=quant,
                                   double_quant=double_quant, kbit_prep=kbit_prep, lisa_layers=lisa_layers,
@@ -135,7 +137,7 @@ def trace(
             _fail(f"{out}: exists; use --force to overwrite")
         est = core_estimate(arch, method_name, training, g, options)
         try:
-            from .harness.trace import trace as run_trace  # torch only here
+            from ..harness.trace import trace as run_trace  # torch only here
         except ImportError as exc:
             _fail(f"the tracer needs the harness extra (pip install 'peftplan[harness]'): {exc}")
         try:
@@ -145,7 +147,7 @@ def trace(
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         record = res.to_dict()
         if out is not None:
-            from .records import write_record
+            from ..records import write_record
 
             write_record(out, record, overwrite=force)
         if as_json:
@@ -163,7 +165,7 @@ def trace(
 def _run_matrix(name: str, out_dir: str | None, jobs: int, force: bool) -> None:
     import sys
 
-    from .harness.matrix import matrix as get_matrix, run_matrix
+    from ..harness.matrix import matrix as get_matrix, run_matrix
 
     if out_dir is None:
         _fail("--matrix needs --out-dir (e.g. profiles/cpu)")

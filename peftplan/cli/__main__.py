@@ -1,0 +1,5 @@
+"""`python -m peftplan.cli ...` runs the CLI (as `python -m peftplan ...` does)."""
+
+from peftplan.cli import app
+
+app()
