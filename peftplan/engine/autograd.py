@@ -49,6 +49,10 @@ def _nbytes(t: Tensor) -> int:
 
 
 _PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
+# Fused kernels whose backward writes an input's gradient into existing storage (engine/liger.py): into the output's
+# gradient (Liger RMSNorm, `in_place=True`), or into the saved input itself (Liger / Unsloth SwiGLU, GeGLU)
+_GRAD_INTO_OUTPUT_GRAD = frozenset({"liger_rms_norm"})
+_GRAD_INTO_SAVED = frozenset({"liger_glu"})
 # Kernels the roofline (engine/roofline.py) costs from their shapes (engine/ops.py log_matmul, program.py
 # attention and 4-bit logs), and views that launch no kernel (torch.split / chunk)
 _NOT_MEMORY_BOUND = frozenset({"linear", "matmul_4bit", "matmul_qk", "matmul_pv", "sdpa", "split", "chunk"})
@@ -273,9 +277,13 @@ class Tape:
             # alpha)`) hands the incoming gradient itself to both inputs of a same-shape, same-dtype add
             # (residual stream, attention-mask add): no new tensor, one buffer shared
             passthrough = None
-            if node.name in _PASSTHROUGH and len(node.outputs) == 1:
+            if (node.name in _PASSTHROUGH or node.name in _GRAD_INTO_OUTPUT_GRAD) and len(node.outputs) == 1:
                 passthrough = self.grads.get(id(node.outputs[0]))
-            for inp in node.inputs:
+            into_saved = node.name in _GRAD_INTO_SAVED and len(node.saved) == len(node.inputs)
+            for k, inp in enumerate(node.inputs):
+                if into_saved:
+                    self._grad_for(inp, node.saved[k])
+                    continue
                 ok = passthrough is not None and passthrough.alive and inp.numel == node.outputs[0].numel \
                     and inp.dtype == node.outputs[0].dtype
                 # PowBackward0 (derivatives.yaml `pow_backward(grad, self, exponent)` =

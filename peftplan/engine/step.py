@@ -20,6 +20,7 @@ from ..trainers import get_trainer
 from ..training import Training
 from ..tuned import TunedModel
 from .losses import LOSSES
+from .liger import layer_kernels
 from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
 from . import ops
 from .ops import Ctx, cast, linear
@@ -158,7 +159,7 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     tape = Tape(alloc)
     for p in _all_params(params):
         tape.param_tensor(p)
-    ctx = Ctx(tape, tokens, autocast)
+    ctx = Ctx(tape, tokens, autocast, kernels=layer_kernels(training, arch))  # trainer kernels (engine/liger.py)
     alloc.set_phase(f"forward:{label}")
     ids = alloc.new(B * training.seq_len, INT64, "inputs")
     labels = alloc.new(B * training.seq_len, INT64, "inputs")
@@ -317,7 +318,7 @@ def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor
     def replay(sub: Tape) -> Tensor:
         # checkpoint.py recompute_fn: the same autocast state, a fresh autocast weight cache (the
         # outer one was cleared when forward left autocast; the recompute's is cleared on its exit)
-        sub_ctx = Ctx(sub, tokens, autocast, {})
+        sub_ctx = Ctx(sub, tokens, autocast, {}, ctx.kernels)
         out = block_forward(sub_ctx, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
         sub_ctx.end_forward()
         return out
