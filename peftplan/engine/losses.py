@@ -246,9 +246,16 @@ def _chunked_ce(*args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
     return chunked_ce(*args, **kwargs)
 
 
+def _unsloth_fused_ce(*args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    from .unsloth import unsloth_fused_ce
+
+    return unsloth_fused_ce(*args, **kwargs)
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "full_logits": full_logits,
     "trl_chunked_logprob": trl_chunked_logprob,
     "liger_flce": _liger_flce,
-    "chunked_ce": _chunked_ce,  # engine/chunked_ce.py, axolotl's chunked cross-entropy, modelled from source  # engine/liger.py, modelled from liger-kernel 0.8.2's source (not traceable on a CPU)
+    "chunked_ce": _chunked_ce,
+    "unsloth_fused_ce": _unsloth_fused_ce,  # engine/unsloth.py, modelled from unsloth_zoo's source  # engine/chunked_ce.py, axolotl's chunked cross-entropy, modelled from source  # engine/liger.py, modelled from liger-kernel 0.8.2's source (not traceable on a CPU)
 }

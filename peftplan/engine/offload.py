@@ -117,14 +117,13 @@ class Offloader:
     def _unsloth_buffers(self, t: Tensor) -> None:
         st = self.state
         want = 2 if st.passes > 1 else 1  # double buffering from the second pass (module docstring)
-        size = max([t.nbytes] + [b.nbytes for b in st.staging])
+        numel = max([t.numel, UNSLOTH_INITIAL_GPU_BUFFER] + [b.numel for b in st.staging])
         for b in list(st.staging):
-            if b.nbytes < size:  # `GPU_BUFFER.resize_(gpu_numel)`: a new storage, the old one freed
+            if b.numel < numel:  # `GPU_BUFFER.resize_(gpu_numel)`: a new storage, the old one freed
                 st.staging.remove(b)
                 self.alloc.release(b)
         while len(st.staging) < want:
-            st.staging.append(self.alloc.new(max(size, UNSLOTH_INITIAL_GPU_BUFFER * t.dtype.bits // 8),
-                                             t.dtype, "saved_activations", label="unsloth GPU_BUFFER"))
+            st.staging.append(self.alloc.new(numel, t.dtype, "saved_activations", label="unsloth GPU_BUFFER"))
         if not st.slots:
             st.slots = [rounded(UNSLOTH_CPU_BUFFER * 2)] * UNSLOTH_CPU_BUFFERS
         i = self.ckpt_index - 1
@@ -180,8 +179,8 @@ def offloader_for(alloc: Allocator, training: Any, model: Any) -> Offloader | No
     from ..trainers import get_trainer
 
     policy = get_trainer(training.trainer).offload_for(training.trainer_options)
-    if policy is None or (policy == "unsloth" and not training.grad_ckpt):
-        return None
+    if policy is None or (policy == "unsloth" and (not training.grad_ckpt or training.seq_len < 512)):
+        return None  # Unsloth: below max_seq_length 512, standard checkpointing (unsloth models/_utils.py 504)
     state = getattr(alloc, "offload_state", None)
     if state is None:
         state = OffloadState(policy, len(model.blocks))

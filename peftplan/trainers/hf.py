@@ -22,7 +22,7 @@ def _assumptions(model: Any, training: Any) -> list[str]:
     from ..engine.liger import kernel_assumptions
 
     out = []
-    if "liger" in training.trainer_options:
+    if {"liger", "liger_flce"} & set(training.trainer_options):
         out.append("Liger fused linear cross-entropy: modelled from source (liger-kernel 0.8.2 "
                    "ops/fused_linear_cross_entropy.py), not yet confirmed by a GPU record; a trainable head on a "
                    "pre-Ampere GPU adds two vocab x hidden temporaries (not modelled)")
@@ -41,11 +41,13 @@ SPEC = register(TrainerSpec(
     loss="full_logits",
     options={"liger": "Liger kernels (TrainingArguments.use_liger_kernel): fused linear cross-entropy, RMSNorm, "
                       "SwiGLU/GeGLU and RoPE kernels, modelled from source",
+             "liger_flce": "Liger fused linear cross-entropy only (axolotl liger_fused_linear_cross_entropy), "
+                           "modelled from source",
              "liger_rms_norm": "Liger RMSNorm kernel only (axolotl liger_rms_norm), modelled from source",
              "liger_glu": "Liger SwiGLU/GeGLU kernel only (axolotl liger_glu_activation), modelled from source",
              "liger_rope": "Liger RoPE kernel only (axolotl liger_rope), modelled from source",
              "chunked_ce": "axolotl chunked_cross_entropy: the logits upcast chunk by chunk, modelled from source"},
-    option_losses={"liger": "liger_flce", "chunked_ce": "chunked_ce"},
+    option_losses={"liger": "liger_flce", "liger_flce": "liger_flce", "chunked_ce": "chunked_ce"},
     option_kernels={"liger": ("rms_norm", "glu", "rope"), "liger_rms_norm": ("rms_norm",),
                     "liger_glu": ("glu",), "liger_rope": ("rope",)},
     checked="traced: every CPU record in profiles/cpu (CI matrix); Liger option modelled from source",
