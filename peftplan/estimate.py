@@ -302,7 +302,8 @@ def _roofline_time(model: TunedModel, training: Training, gpu: GPU, counted: Flo
         roofline.kernel_table(counted.kernels), roofline.rates_for(gpu), grad_accum=training.grad_accum,
         optimizer=training.optimizer, optimizer_impl=training.optimizer_impl, trainable_bytes=mem.trainable_bytes,
         trainable_elements=count_params(model).trainable, paged_bytes_over=paged_over,
-        offload_bytes=mem.trainable_bytes if training.offload != "none" else 0, communication_s=comm_s)
+        offload_bytes=(mem.trainable_bytes if training.offload != "none" else 0)
+        + mem.activation_offload_bytes * training.grad_accum, communication_s=comm_s)
 
 
 def _parallel(model: TunedModel, training: Training, gpu: GPU, mem: StepMemory,

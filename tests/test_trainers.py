@@ -179,17 +179,18 @@ def test_axolotl_liger_file_reads_every_liger_key_and_drops_the_logits(tmp_path)
     out = json.loads(r.stdout)
     ignored = [i.split(":", 1)[0] for i in out["run_config"]["ignored"]]
     assert not [k for k in ignored if k.startswith("liger") or k in ("plugins", "sample_packing")], ignored
-    assert out["trainer"]["name"] == "hf" and out["trainer"]["options"] == ["liger"]
+    assert out["trainer"]["name"] == "hf"
+    assert out["trainer"]["options"] == ["liger_flce", "liger_rope", "liger_rms_norm", "liger_glu"]
     assert out["memory"]["components"].get("loss_logits", 0) < 1 * GIB
     assert any("modelled from source" in a for a in out["assumptions"])
     bare = runner.invoke(app, ["estimate", "--config", str(path), "--gpu", "a100-80g", "--json", "--trainer", "hf"])
-    assert json.loads(bare.stdout)["trainer"]["options"] == ["liger"]  # the file's switch stays on under hf
+    assert "liger_flce" in json.loads(bare.stdout)["trainer"]["options"]  # the file's switches stay on under hf
     plain = estimate(load_model("llama3-8b"), "qlora",
                      Training(micro_batch=2, seq_len=4096, attention="flash", grad_ckpt=True, trainer="hf"),
                      load_gpu("a100-80g"), {"targets": "all-linear", "kbit_prep": False})
     assert plain.memory.components["loss_logits"] > 10 * GIB  # the 11.74 GiB without Liger
-    r = runner.invoke(app, ["estimate", "--model", "llama3-8b", "--trainer", "trl", "--liger"])
-    assert r.exit_code == 2 and "--liger does not apply to trainer 'trl'" in r.stderr
+    r = runner.invoke(app, ["estimate", "--model", "llama3-8b", "--trainer", "trl", "--chunked-ce"])
+    assert r.exit_code == 2 and "--chunked-ce does not apply to trainer 'trl'" in r.stderr
 
 
 # ---- LLaMA-Factory (modelled from source) ----------------------------------------------------------------------

@@ -45,7 +45,9 @@ def estimate(
     trainer: Optional[str] = TRAINER_OPTION,
     packing: Optional[bool] = PACKING_OPTION,
     padding_free: Optional[bool] = PADDING_FREE_OPTION,
-    liger: Optional[bool] = typer.Option(None, "--liger", help="hf: Liger kernels (use_liger_kernel): fused linear cross-entropy modelled from source"),
+    liger: Optional[bool] = typer.Option(None, "--liger", help="hf / llamafactory: Liger kernels (use_liger_kernel: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); trl: the layer kernels only; modelled from source"),
+    activation_offloading: Optional[bool] = typer.Option(None, "--activation-offloading", help="trl: SFTConfig.activation_offloading (saved activations in host memory), modelled from source"),
+    chunked_ce: Optional[bool] = typer.Option(None, "--chunked-ce", help="hf: axolotl chunked_cross_entropy, modelled from source"),
     as_json: bool = AS_JSON_OPTION,
     explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),
     trace: bool = typer.Option(False, "--trace", help="also run the CPU tracer (needs the harness extra) and show its peak"),
@@ -85,7 +87,8 @@ def estimate(
         training = _training(g.bf16_supported, batch, seq, grad_accum, grad_ckpt, attn, precision, optimizer,
                              optimizer_impl, n_gpus, shard, offload, base=base_training, trainer=default_trainer_for(arch, trainer),
                              trainer_options=_trainer_options(packing=packing, padding_free=padding_free,
-                                                              liger=liger), alloc_conf=alloc_conf)
+                                                              liger=liger, activation_offloading=activation_offloading,
+                                                              chunked_ce=chunked_ce), alloc_conf=alloc_conf)
         if attn is not None:
             resolve_attention(arch, attn, explicit=True)  # an explicit unsupported kernel is refused
         options = {**config_options, **_method_options(

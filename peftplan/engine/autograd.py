@@ -49,6 +49,10 @@ def _nbytes(t: Tensor) -> int:
 
 
 _PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
+# Fused kernels whose backward writes an input's gradient into existing storage (engine/liger.py): into the output's
+# gradient (Liger RMSNorm, `in_place=True`), or into the saved input itself (Liger / Unsloth SwiGLU, GeGLU)
+_GRAD_INTO_OUTPUT_GRAD = frozenset({"liger_rms_norm"})
+_GRAD_INTO_SAVED = frozenset({"liger_glu"})
 # Kernels the roofline (engine/roofline.py) costs from their shapes (engine/ops.py log_matmul, program.py
 # attention and 4-bit logs), and views that launch no kernel (torch.split / chunk)
 _NOT_MEMORY_BOUND = frozenset({"linear", "matmul_4bit", "matmul_qk", "matmul_pv", "sdpa", "split", "chunk"})
@@ -110,6 +114,7 @@ class Tape:
     _pending: dict[int, Tensor] = field(default_factory=dict)  # id(param) -> grad waiting in its InputBuffer
     _sums: list[tuple[Param, Tensor]] = field(default_factory=list)  # tied-leaf sums waiting for their node's end
     _uses: dict[int, int] = field(default_factory=dict)  # id(leaf tensor) -> uses not yet back-propagated
+    offloader: "object | None" = None  # saved activations kept in host memory (engine/offload.py), or None
 
     # ---- forward helpers --------------------------------------------------------------
     def new(self, numel: int, dtype: DType, requires_grad: bool, label: str = "",
@@ -122,11 +127,25 @@ class Tape:
             if t is not None and id(t) not in self.leaf_params:
                 self.alloc.release(t)
 
-    def save(self, t: Tensor) -> Tensor:
+    def save(self, t: Tensor, ckpt_input: bool = False) -> Tensor:
+        """A reference for a node's saved list (`ckpt_input`: a checkpointed layer's input); with an offloader, a
+        placeholder for the host copy (engine/offload.py)."""
+        if self.offloader is not None:
+            ph = self.offloader.pack(self, t, ckpt_input)  # type: ignore[attr-defined]
+            if ph is not None:
+                return ph
         self.alloc.retain(t)
         if t.category == "temporaries":
             self.alloc.recategorize(t, "saved_activations")
         return t
+
+    def keep_input(self, t: Tensor) -> Tensor:
+        """A non-reentrant checkpoint frame's reference to its layer input (`_NoopSaveInputs`): offloadable."""
+        if self.offloader is not None:
+            ph = self.offloader.pack(self, t, True)  # type: ignore[attr-defined]
+            if ph is not None:
+                return ph
+        return self.alloc.retain(t)
 
     def record(self, name: str, inputs: list[Tensor], outputs: list[Tensor], saved: list[Tensor | None],
                backward_scratch: int = 0) -> None:
@@ -256,11 +275,15 @@ class Tape:
         self.grads[id(loss)] = self.alloc.retain(seed) if seed is not None else \
             self.alloc.new(1, loss.dtype, "temporaries")
         for node in reversed(self.nodes):
+            if self.offloader is not None:  # host copies brought back before the node runs (engine/offload.py)
+                self.offloader.unpack(node.saved)  # type: ignore[attr-defined]
             if node.custom is not None:
                 node.custom(self, node)
                 continue
             g = node.group
             if g is not None and not g.done and g.saving_nodes and node is g.saving_nodes[-1]:
+                if self.offloader is not None:
+                    self.offloader.unpack(g.keep)  # type: ignore[attr-defined]
                 self.recompute(g)
             if node.on_backward is not None:
                 node.on_backward()
@@ -273,9 +296,13 @@ class Tape:
             # alpha)`) hands the incoming gradient itself to both inputs of a same-shape, same-dtype add
             # (residual stream, attention-mask add): no new tensor, one buffer shared
             passthrough = None
-            if node.name in _PASSTHROUGH and len(node.outputs) == 1:
+            if (node.name in _PASSTHROUGH or node.name in _GRAD_INTO_OUTPUT_GRAD) and len(node.outputs) == 1:
                 passthrough = self.grads.get(id(node.outputs[0]))
-            for inp in node.inputs:
+            into_saved = node.name in _GRAD_INTO_SAVED and len(node.saved) == len(node.inputs)
+            for k, inp in enumerate(node.inputs):
+                if into_saved:
+                    self._grad_for(inp, node.saved[k])
+                    continue
                 ok = passthrough is not None and passthrough.alive and inp.numel == node.outputs[0].numel \
                     and inp.dtype == node.outputs[0].dtype
                 # PowBackward0 (derivatives.yaml `pow_backward(grad, self, exponent)` =
@@ -299,6 +326,8 @@ class Tape:
                     self.alloc.release(t)
                 g.keep = []
         self._finish_sums()
+        if self.offloader is not None:
+            self.offloader.unpack([])  # type: ignore[attr-defined]  # the last node's reloads
         kept = self.grads.pop(id(keep), None) if keep is not None else None
         for g in self.grads.values():
             self.alloc.release(g)

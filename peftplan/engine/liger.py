@@ -33,7 +33,7 @@ from __future__ import annotations
 from ..arch import ModelArch
 from ..dtypes import BOOL, FP32, INT64
 from .autograd import Node, Param, Tape
-from .ops import COUNTER, Ctx, count_matmul
+from .ops import COUNTER, Ctx, count_matmul, promote
 from .sim import Tensor
 
 
@@ -129,3 +129,106 @@ def alloc_bytes(dtype, numel: int) -> int:  # type: ignore[no-untyped-def]
     from .sim import rounded
 
     return rounded(dtype.bytes_for(numel))
+
+
+# ---- Liger's layer kernels (liger-kernel 0.8.2, src/liger_kernel/), modelled from source -----------------------------
+#
+# `apply_liger_kernel_to_<model>(rope=True, rms_norm=True, swiglu=True, ...)` (transformers/monkey_patch.py 221-227
+# for llama: the defaults `TrainingArguments(use_liger_kernel=True)` passes) swaps three HF ops for Triton kernels:
+#
+# RMSNorm  ops/rms_norm.py 436-510 `rms_norm_forward`: Y = empty(rows x H, X.dtype), RSTD = empty(rows, fp32 in the
+#          llama / gemma casting modes); 657 `ctx.save_for_backward(X, W, RSTD)`: the input itself (a view, no fp32
+#          copy) and one fp32 per row. Backward 513-609: `_dW = empty(sm_count x H, fp32)`, dX written into dY
+#          (`in_place=True`, monkey_patch.py 68; gemma families pass `in_place=False`, 1024-1297: dX = zeros_like(dY)),
+#          `dW = _dW.sum(0).to(W.dtype)`. The HF op (program.py `_rmsnorm`) saves an fp32 copy of the input.
+# SwiGLU   ops/swiglu.py 149-188 `swiglu_forward`: c = empty_like(a); 262 `ctx.save_for_backward(a, b)` (gate and up
+#          projections); backward 191-227 writes da and db into a's and b's storage (the kernel stores into a_ptr,
+#          b_ptr): no new tensor. GeGLU (ops/geglu.py 133-146, the gemma families): the same. The HF ops save gate,
+#          act(gate) and up and allocate both gradients.
+# RoPE     ops/rope.py 115-158 `rope_forward`: q, k transposed back to their (B, T, heads, hd) storage, which is
+#          contiguous, so `.contiguous()` is a no-op and the kernel rotates them in place; 226 saves cos, sin only;
+#          backward 161-201 rotates dq, dk in place (modelled contiguous: the attention backward returns gradients
+#          laid out like q and k). No allocation at all; the HF op allocates four q-sized temporaries.
+LIGER_LAYER_TYPES = frozenset({  # model types with an `apply_liger_kernel_to_*` (monkey_patch.py MODEL_TYPE_TO_APPLY_LIGER_FN)
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "olmo2", "phi3", "smollm3", "mixtral",
+    "qwen3_moe", "gpt_oss",
+})
+LIGER_DW_SM_COUNT = 132  # `_dW` rows = the GPU's SM count (ops/rms_norm.py 521); 132 = H100 SXM, assumed (2 MiB at H=4096)
+GEMMA_RMS_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text"})  # casting_mode="gemma", in_place=False
+
+
+def layer_kernels(training, arch: ModelArch) -> frozenset[str]:  # type: ignore[no-untyped-def]
+    """The layer kernels the trainer switches on for this model (`TrainerSpec.kernels` / `option_kernels`), as
+    engine ops read them from `Ctx.kernels`: "rms_norm", "glu", "rope" (in place) or "rope_copy" (out of place)."""
+    from ..trainers import get_trainer
+
+    spec = get_trainer(training.trainer)
+    names = set(spec.kernels_for(arch))
+    for opt in training.trainer_options:
+        names.update(spec.option_kernels.get(opt, ()))
+    if not names:
+        return frozenset()
+    if spec.name != "unsloth" and arch.model_type not in LIGER_LAYER_TYPES:
+        return frozenset()  # Liger has no patch for this model type: the HF ops run (transformers warns)
+    return frozenset(names)
+
+
+def rms_norm(ctx: Ctx, h: Tensor, w: Param, rows: int | None = None, in_place: bool = True) -> Tensor:
+    """LigerRMSNormFunction (above): saves the input, the weight and one fp32 rstd per row; output in h's dtype."""
+    tape = ctx.tape
+    rows = ctx.tokens if rows is None else rows
+    wt = tape.param_tensor(w)
+    rg = h.requires_grad or w.trainable or w.bias_trainable
+    out = tape.new(h.numel, h.dtype, rg, "liger_rms_norm")
+    rstd = tape.new(rows, FP32, False, "rstd")
+    width = h.numel // rows
+    scratch = alloc_bytes(FP32, LIGER_DW_SM_COUNT * width) + alloc_bytes(FP32, width) if w.trainable else 0
+    tape.record("liger_rms_norm" if in_place else "liger_rms_norm_copy", [h, wt], [out], [h, rstd],
+                backward_scratch=scratch)
+    tape.drop(rstd)
+    return out
+
+
+def glu(ctx: Ctx, gate: Tensor, up: Tensor) -> Tensor:
+    """LigerSiLUMulFunction / LigerGELUMulFunction (above): act(gate) * up, saving gate and up; the backward writes
+    their gradients into their own storage. The caller drops gate and up."""
+    tape = ctx.tape
+    out = tape.new(gate.numel, promote(gate.dtype, up.dtype), gate.requires_grad or up.requires_grad, "liger_glu")
+    tape.record("liger_glu", [gate, up], [out], [gate, up])
+    return out
+
+
+def rope(ctx: Ctx, x: Tensor, copy: bool = False) -> Tensor:
+    """LigerRopeFunction (above): q / k rotated in place (the same storage, no node: its backward rotates the
+    gradient in place too). `copy`: Unsloth's Fast_RoPE_Embedding_QK (unsloth kernels/rope_embedding.py 423-459),
+    whose transposed (non-contiguous) q / k get `torch.empty_like` outputs and whose backward allocates dQ, dK."""
+    tape = ctx.tape
+    c = COUNTER[0]
+    if copy:
+        out = tape.new(x.numel, x.dtype, x.requires_grad, "rope")
+        tape.record("unsloth_rope", [x], [out], [])
+        return out
+    if c is not None:  # one read and one write of q / k, forward and backward
+        nbytes = 2 * x.numel * x.dtype.bits // 8
+        c.kernels.append(("mem", "forward", nbytes))
+        if x.requires_grad:
+            c.kernels.append(("mem", "backward", nbytes))
+    return tape.alloc.retain(x)
+
+
+def kernel_assumptions(arch: ModelArch, training) -> list[str]:  # type: ignore[no-untyped-def]
+    """One line on the layer kernels modelled for this run (printed with the estimate)."""
+    kernels = layer_kernels(training, arch)
+    from ..trainers import get_trainer
+
+    asked = any(get_trainer(training.trainer).option_kernels.get(o) for o in training.trainer_options)
+    if not kernels:
+        return [f"Liger layer kernels: no patch for model type {arch.model_type!r}, the HF ops run"] if asked else []
+    who = "Unsloth" if training.trainer == "unsloth" else "Liger (liger-kernel 0.8.2)"
+    parts = {"rms_norm": "RMSNorm (saves its input + fp32 rstd)", "glu": "SwiGLU/GeGLU (saves gate and up, "
+             "gradients written into them)", "rope": "RoPE (in place)", "rope_copy": "RoPE (out of place)"}
+    line = (f"{who} layer kernels modelled from source, not yet confirmed by a GPU record: "
+            + ", ".join(parts[k] for k in ("rms_norm", "glu", "rope", "rope_copy") if k in kernels))
+    if "glu" in kernels and arch.model_type == "phi3":
+        line += "; phi3's fused gate_up MLP keeps the HF activation (its chunked halves are not modelled)"
+    return [line]

@@ -240,8 +240,22 @@ def _liger_flce(*args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
     return liger_flce(*args, **kwargs)
 
 
+def _chunked_ce(*args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    from .chunked_ce import chunked_ce
+
+    return chunked_ce(*args, **kwargs)
+
+
+def _unsloth_fused_ce(*args, **kwargs) -> Tensor:  # type: ignore[no-untyped-def]
+    from .unsloth import unsloth_fused_ce
+
+    return unsloth_fused_ce(*args, **kwargs)
+
+
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "full_logits": full_logits,
     "trl_chunked_logprob": trl_chunked_logprob,
-    "liger_flce": _liger_flce,  # engine/liger.py, modelled from liger-kernel 0.8.2's source (not traceable on a CPU)
+    "liger_flce": _liger_flce,
+    "chunked_ce": _chunked_ce,
+    "unsloth_fused_ce": _unsloth_fused_ce,  # engine/unsloth.py, modelled from unsloth_zoo's source  # engine/chunked_ce.py, axolotl's chunked cross-entropy, modelled from source  # engine/liger.py, modelled from liger-kernel 0.8.2's source (not traceable on a CPU)
 }

@@ -58,6 +58,9 @@ class Ctx:
     tokens: int
     autocast: DType | None
     cast_cache: dict[object, Tensor] = field(default_factory=dict)  # also shared per-forward tensors (T5 position bias)
+    # trainer layer kernels that replace the HF ops (engine/liger.py `layer_kernels`): "rms_norm", "glu", "rope",
+    # "rope_copy"; empty: the HF ops
+    kernels: frozenset[str] = frozenset()
 
     def end_forward(self) -> None:
         """Leaving autocast clears its cache: the cached copies live on only where saved."""

@@ -399,6 +399,9 @@ def _rmsnorm(ctx: Ctx, h: Tensor, w: Param, gemma: bool = False, t5: bool = Fals
     n = ctx.tokens
     if t5:
         return _t5_layernorm(ctx, h, w)
+    if "rms_norm" in ctx.kernels:  # a trainer's fused kernel (engine/liger.py)
+        from .liger import rms_norm
+        return rms_norm(ctx, h, w, in_place=not gemma)
     h32 = cast(ctx, h, FP32)
     sq = tape.new(h32.numel, FP32, h32.requires_grad, "pow")
     tape.record("pow", [h32], [sq], [h32])
@@ -565,6 +568,9 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
 
 def _rope(ctx: Ctx, x: Tensor, cos: Tensor) -> Tensor:
     """apply_rotary_pos_emb: (x * cos) + (rotate_half(x) * sin); saves only cos/sin (no grad)."""
+    if "rope" in ctx.kernels or "rope_copy" in ctx.kernels:  # a trainer's fused kernel (engine/liger.py)
+        from .liger import rope
+        return rope(ctx, x, copy="rope_copy" in ctx.kernels)
     tape = ctx.tape
     dt = x.dtype if x.dtype.bits >= cos.dtype.bits else cos.dtype
     a = tape.new(x.numel, dt, x.requires_grad, "x_cos")
@@ -735,7 +741,12 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             up = tuned_linear(ctx, x, lps["up"])
         else:
             gate, up = tuned_linear(ctx, x, lps["up"]), None
-        if arch.activation == "gelu_new" or (arch.family == "t5" and arch.activation == "gelu"):
+        if "glu" in ctx.kernels and up is not None and "gate" in lps:  # a trainer's fused kernel (engine/liger.py)
+            from .liger import glu
+            act = glu(ctx, gate, up)
+            tape.drop(up)
+            up = None
+        elif arch.activation == "gelu_new" or (arch.family == "t5" and arch.activation == "gelu"):
             act = _gelu_new(ctx, gate)
         elif arch.activation == "relu":  # ReluBackward0 uses its result (derivatives.yaml threshold_backward)
             act = elementwise(ctx, "act", gate, save_inputs=False, save_output=True)

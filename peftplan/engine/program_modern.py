@@ -28,6 +28,9 @@ def rmsnorm(ctx: Ctx, h: Tensor, w: Param, rows: int, style: str) -> Tensor:
     "olmo2" (Olmo2RMSNorm): `(weight * (x32 * rsqrt(...))).to(input_dtype)`.
     pow saves its fp32 input, rsqrt its output, mul each operand for the other's gradient.
     """
+    if "rms_norm" in ctx.kernels:  # a trainer's fused kernel (engine/liger.py)
+        from .liger import rms_norm
+        return rms_norm(ctx, h, w, rows, in_place=style != "gemma")
     tape = ctx.tape
     h32 = cast(ctx, h, FP32)
     sq = tape.new(h32.numel, FP32, h32.requires_grad, "pow")
@@ -145,10 +148,15 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
     else:
         gate = tuned_linear(ctx, x, lps["gate"])
         up = tuned_linear(ctx, x, lps["up"])
-        act = elementwise(ctx, "act", gate)  # silu / gelu_pytorch_tanh save their input
-        tape.drop(gate)
-        prod = mul(ctx, act, up)
-        tape.drop(act, up)
+        if "glu" in ctx.kernels:  # a trainer's fused kernel (engine/liger.py)
+            from .liger import glu
+            prod = glu(ctx, gate, up)
+            tape.drop(gate, up)
+        else:
+            act = elementwise(ctx, "act", gate)  # silu / gelu_pytorch_tanh save their input
+            tape.drop(gate)
+            prod = mul(ctx, act, up)
+            tape.drop(act, up)
         m = tuned_linear(ctx, prod, lps["down"])
         tape.drop(prod)
     for spec, down, upw in [s for s in bp.adapters if s[0].placement == "parallel-mlp"]:

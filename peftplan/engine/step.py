@@ -20,6 +20,8 @@ from ..trainers import get_trainer
 from ..training import Training
 from ..tuned import TunedModel
 from .losses import LOSSES
+from .liger import layer_kernels
+from .offload import host_and_copied, offloader_for
 from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
 from . import ops
 from .ops import Ctx, cast, linear
@@ -40,7 +42,8 @@ class StepMemory:
     grad_bytes: int
     optimizer_state_bytes: int
     paged_optimizer_bytes: int  # outside max_memory_allocated (CUDA unified memory)
-    host_bytes: int = 0  # offloaded to host memory (sharding.py), per rank
+    host_bytes: int = 0  # offloaded to host memory (sharding.py, engine/offload.py), per rank
+    activation_offload_bytes: int = 0  # saved activations copied to the host per micro-batch (and back), engine/offload.py
     # the ordered allocations / frees, load phase included (sim.Allocator.events; engine/allocator.py)
     events: list[int] = field(default_factory=list, repr=False, compare=False)
 
@@ -156,9 +159,10 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     tokens = B * T
     autocast = training.compute_dtype if training.mixed else None
     tape = Tape(alloc)
+    tape.offloader = offloader_for(alloc, training, model)  # activation offloading (engine/offload.py)
     for p in _all_params(params):
         tape.param_tensor(p)
-    ctx = Ctx(tape, tokens, autocast)
+    ctx = Ctx(tape, tokens, autocast, kernels=layer_kernels(training, arch))  # trainer kernels (engine/liger.py)
     alloc.set_phase(f"forward:{label}")
     ids = alloc.new(B * training.seq_len, INT64, "inputs")
     labels = alloc.new(B * training.seq_len, INT64, "inputs")
@@ -319,7 +323,7 @@ def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor
     def replay(sub: Tape) -> Tensor:
         # checkpoint.py recompute_fn: the same autocast state, a fresh autocast weight cache (the
         # outer one was cleared when forward left autocast; the recompute's is cleared on its exit)
-        sub_ctx = Ctx(sub, tokens, autocast, {})
+        sub_ctx = Ctx(sub, tokens, autocast, {}, ctx.kernels)
         out = block_forward(sub_ctx, arch, training, alloc.retain(h), bp, cos, kv, encoder_out)
         sub_ctx.end_forward()
         return out
@@ -335,11 +339,11 @@ def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor
         if out.requires_grad or h.requires_grad:
             out.requires_grad = True
             tape.nodes.append(Node("checkpoint", [h] if h.requires_grad else [], [out],
-                                   [tape.save(h), *(tape.save(t) for t in held or [])],
+                                   [tape.save(h, ckpt_input=True), *(tape.save(t) for t in held or [])],
                                    group=group, custom=reentrant_backward))
         tape.drop(h)
         return out
-    group = CheckpointGroup(replay, keep=[alloc.retain(h), *(alloc.retain(t) for t in held or [])])
+    group = CheckpointGroup(replay, keep=[tape.keep_input(h), *(alloc.retain(t) for t in held or [])])
     tape.ckpt_group = group
     try:
         out = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
@@ -439,8 +443,10 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
             p.grad = None
         if plan is not None:
             plan.zero_grad(alloc)
+    act_host, act_copied = host_and_copied(alloc)  # activation offloading (engine/offload.py)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
-                      state_bytes, paged, plan.host_bytes if plan is not None else 0, alloc.events)
+                      state_bytes, paged, (plan.host_bytes if plan is not None else 0) + act_host, act_copied,
+                      alloc.events)
 
 
 def _in_optimizer_order(trainables: list[Param], costs: list["OptimizerCost"],

@@ -377,11 +377,6 @@ def _axolotl_reason(key: str, value: Any) -> str:
         "model_kwargs": "extra from_pretrained kwargs: not modelled",
         "rope_scaling": "RoPE scaling: no memory effect",
         "max_prompt_len": "RL prompt length: not used for SFT",
-        "chunked_cross_entropy": "axolotl's chunked cross-entropy (monkeypatch/loss/chunked.py: the half-precision "
-                                 "logits are still built, each chunk upcast and torch.compile'd) is "
-                                 + MEMORY_NOT_MODELLED + ": the full fp32 upcast is modelled (estimate high)",
-        "chunked_cross_entropy_num_chunks": "chunks of the chunked cross-entropy (not modelled, see "
-                                            "chunked_cross_entropy)",
         "unfrozen_parameters": "training only the parameters matching these patterns is " + MEMORY_NOT_MODELLED,
     }
     if key.startswith("relora_"):

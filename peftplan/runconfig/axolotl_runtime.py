@@ -12,12 +12,12 @@ from .shared import _is_empty
 # axolotl src/axolotl/integrations/liger/args.py LigerArgs: the kernels its LigerPlugin applies
 # (`apply_liger_kernel_to_<model>(rope=, swiglu=, rms_norm=, layer_norm=, cross_entropy=,
 # fused_linear_cross_entropy=)`, integrations/liger/plugin.py)
-LIGER_LAYER_KEYS = {
-    "liger_rope": "RoPE kernel (in place on q/k)",
-    "liger_rms_norm": "RMSNorm kernel (saves input + rstd)",
-    "liger_glu_activation": "SwiGLU kernel (recomputes silu in backward)",
-    "liger_layer_norm": "LayerNorm kernel",
-    "liger_swiglu": "SwiGLU kernel (recomputes silu in backward)",
+LIGER_LAYER_KEYS = {  # key -> (trainer option, what it is); option None: not modelled
+    "liger_rope": ("liger_rope", "RoPE kernel (in place on q/k)"),
+    "liger_rms_norm": ("liger_rms_norm", "RMSNorm kernel (saves input + rstd)"),
+    "liger_glu_activation": ("liger_glu", "SwiGLU/GeGLU kernel (saves gate and up, gradients written into them)"),
+    "liger_swiglu": ("liger_glu", "SwiGLU kernel (saves gate and up, gradients written into them)"),
+    "liger_layer_norm": (None, "LayerNorm kernel"),
 }
 
 
@@ -101,6 +101,10 @@ def _deepspeed_stage(r: _Reader, ds: object) -> tuple[int | None, str, str]:
     return int(m.group(1)), offload, "inferred from the file name (file not found)"
 
 
+def _add_option(r: _Reader, name: str) -> None:
+    r.training["trainer_options"] = tuple(dict.fromkeys((*r.training.get("trainer_options", ()), name)))
+
+
 def _axolotl_kernels(r: _Reader) -> None:
     """axolotl runs transformers' Trainer (AxolotlTrainer subclasses it): trainer hf; the Liger plugin's fused
     linear cross-entropy is its `liger` option (engine/liger.py, modelled from source)."""
@@ -119,20 +123,37 @@ def _axolotl_kernels(r: _Reader) -> None:
         if on and not liger:
             r.ignore(flce_key, "true, but plugins has no LigerPlugin: axolotl does not apply it")
         elif on:
-            r.training["trainer_options"] = ("liger",)
-            r.mapped(flce_key, "true -> trainer option liger: Liger fused linear cross-entropy, modelled from "
+            _add_option(r, "liger_flce")
+            r.mapped(flce_key, "true -> trainer option liger_flce: Liger fused linear cross-entropy, modelled from "
                                "source (engine/liger.py); no full logits")
         else:
             r.mapped(flce_key, "false")
-    for key, what in LIGER_LAYER_KEYS.items():
+    for key, (option, what) in LIGER_LAYER_KEYS.items():
         if r.has(key):
             on = r.flag(key, r.take(key))
             if not on:
                 r.mapped(key, "false")
             elif not liger:
                 r.ignore(key, "true, but plugins has no LigerPlugin: axolotl does not apply it")
+            elif option is None:
+                r.mapped(key, f"true: Liger {what}; no model in peftplan's catalog has a LayerNorm that Liger "
+                              "patches, the HF op is modelled")
             else:
-                r.mapped(key, f"true: Liger {what}; not modelled, the HF op's saved tensors are (estimate high)")
+                _add_option(r, option)
+                r.mapped(key, f"true -> trainer option {option}: Liger {what}, modelled from source "
+                              "(engine/liger.py)")
+    if r.has("chunked_cross_entropy"):
+        on = r.flag("chunked_cross_entropy", r.take("chunked_cross_entropy"))
+        if on:
+            _add_option(r, "chunked_ce")
+            r.mapped("chunked_cross_entropy", "true -> trainer option chunked_ce: axolotl's chunked cross-entropy "
+                     "(monkeypatch/loss/chunked.py), modelled from source (engine/chunked_ce.py)")
+        else:
+            r.mapped("chunked_cross_entropy", "false")
+    if r.has("chunked_cross_entropy_num_chunks"):
+        n = r.take("chunked_cross_entropy_num_chunks")
+        r.mapped("chunked_cross_entropy_num_chunks", f"{n}: the number of chunks changes only the per-chunk fp32 "
+                 "logsumexp rows (a few KiB); modelled with axolotl's default 8")
     if r.has("liger_cross_entropy"):
         on = r.flag("liger_cross_entropy", r.take("liger_cross_entropy"))
         r.mapped("liger_cross_entropy", "true: Liger cross-entropy on materialised logits; the full-logits loss is "

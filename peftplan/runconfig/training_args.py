@@ -118,11 +118,24 @@ def _map_training_args(r: _Reader, trl: bool = False) -> None:
         r.ignore("use_cache", "false: no KV cache in training, as modelled" if not r.peek("use_cache") else
                  "a KV cache kept during training is " + MEMORY_NOT_MODELLED + " (transformers drops it under "
                  "gradient checkpointing)")
+    on = []
     if r.has("activation_offloading"):
         value = r.take("activation_offloading")
-        r.ignore("activation_offloading", "activations offloaded to the CPU are " + MEMORY_NOT_MODELLED
-                 + " (estimate high)" if r.flag("activation_offloading", value) else "false")
-    on = []
+        if not trl:
+            r.ignore("activation_offloading", "an SFTConfig option: not read for trainer hf")
+        elif r.flag("activation_offloading", value):
+            on.append("activation_offloading")
+            r.mapped("activation_offloading", "true -> trainer option activation_offloading (saved activations in "
+                     "host memory, engine/offload.py, modelled from source)")
+        else:
+            r.mapped("activation_offloading", "false")
+    if r.has("use_liger_kernel") and trl:
+        if r.flag("use_liger_kernel", r.take("use_liger_kernel")):
+            on.append("liger")
+            r.mapped("use_liger_kernel", "true -> trainer option liger (Liger layer kernels; SFTTrainer forces "
+                     "fused_linear_cross_entropy off), modelled from source")
+        else:
+            r.mapped("use_liger_kernel", "false")
     for key in ("packing", "padding_free"):
         if r.has(key) and trl:
             if r.flag(key, r.take(key)):
@@ -131,7 +144,7 @@ def _map_training_args(r: _Reader, trl: bool = False) -> None:
             else:
                 r.mapped(key, json.dumps(r.peek(key)) + " (off)")
     if on:
-        r.training["trainer_options"] = tuple(on)
+        r.training["trainer_options"] = tuple(dict.fromkeys((*r.training.get("trainer_options", ()), *on)))
     for key, reason in (("packing", "packing changes tokens per sequence, not the per-step shapes peftplan "
                                     "models (each micro-batch is still micro_batch x max_length tokens)"),
                         ("padding_free", "padding-free batching: fewer real tokens, not modelled (estimate high)"),

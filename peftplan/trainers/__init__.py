@@ -1,5 +1,6 @@
 """Trainers, registered by name (see base.py): `hf` (the bare transformers Trainer + peft step), `trl` (TRL's
-SFTTrainer) and `llamafactory` (LLaMA-Factory's SFT, modelled from source). The CLI's `--trainer` choices and `peftplan trainers` read this registry."""
+SFTTrainer) and `llamafactory` (LLaMA-Factory's SFT, modelled from source) and `unsloth` (Unsloth's FastLanguageModel run, modelled
+from source). The CLI's `--trainer` choices and `peftplan trainers` read this registry."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from .base import Default, TrainerError, TrainerSpec, register, registry
 from . import hf as _hf  # noqa: F401  (registers)
 from . import llamafactory as _llamafactory  # noqa: F401  (registers)
 from . import trl as _trl  # noqa: F401  (registers)
+from . import unsloth as _unsloth  # noqa: F401  (registers)
 
 __all__ = ["Default", "TrainerError", "TrainerSpec", "register", "registry", "get_trainer", "trainer_names", "default_trainer_for",
            "CLI_DEFAULT_TRAINER"]

@@ -49,6 +49,14 @@ class TrainerSpec:
     options: dict[str, str] = field(default_factory=dict)
     method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> option defaults
     option_losses: dict[str, str] = field(default_factory=dict)  # a switch that replaces the loss -> its key
+    # fused layer kernels (engine/liger.py `layer_kernels`: "rms_norm", "glu", "rope", "rope_copy") the trainer
+    # always runs (`kernels`, for the model types in `kernel_types`; empty = every type) or a switch turns on
+    kernels: tuple[str, ...] = ()
+    kernel_types: frozenset[str] = frozenset()
+    option_kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # switches that offload saved activations to host memory (engine/offload.py policy names)
+    option_offload: dict[str, str] = field(default_factory=dict)
+    offload: str | None = None  # the trainer's own offload policy (engine/offload.py), or None
     adapt: Callable[[TunedModel, Any], TunedModel] | None = None
     assumptions: Callable[[TunedModel, Any], list[str]] | None = None
     checked: str = "modelled from source"  # or how it is checked against the real step
@@ -79,6 +87,19 @@ class TrainerSpec:
             if name in self.option_losses:
                 return self.option_losses[name]
         return self.loss
+
+    def kernels_for(self, arch: Any) -> tuple[str, ...]:
+        """The layer kernels this trainer always runs on `arch` (engine/liger.py)."""
+        if self.kernel_types and arch.model_type not in self.kernel_types:
+            return ()
+        return self.kernels
+
+    def offload_for(self, options: tuple[str, ...]) -> str | None:
+        """The activation-offload policy (engine/offload.py POLICIES key) with these switches on, or None."""
+        for name in options:
+            if name in self.option_offload:
+                return self.option_offload[name]
+        return self.offload
 
     def method_options(self, method: str, options: dict[str, Any] | None) -> dict[str, Any]:
         """The method options with this trainer's defaults for options the user did not set."""

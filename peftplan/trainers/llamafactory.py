@@ -10,7 +10,8 @@ wrapper is its own code, which the CPU tracer does not run).
   `quantization_bit` without peft's `prepare_model_for_kbit_training` (never called in src/): no fp32 upcast of the
   non-quantized weights; trainable parameters cast to fp32 (adapter.py, unless `pure_bf16`).
 - model/loader.py:142 `apply_liger_kernel(..., require_logits=stage not in ["pt", "sft"])`: with
-  `enable_liger_kernel` an SFT run gets Liger's fused linear cross-entropy (option `liger`, engine/liger.py).
+  `enable_liger_kernel` an SFT run gets Liger's fused linear cross-entropy and its RMSNorm / SwiGLU / RoPE kernels
+  (option `liger`, engine/liger.py).
 - The loss is the model's own (full logits, fp32 upcast) as under `hf`.
 """
 
@@ -34,8 +35,11 @@ def assumptions(model: TunedModel, training: Any) -> list[str]:
     out = ["LLaMA-Factory modelled from its source (main ff6d4d1), not traced: reentrant gradient checkpointing "
            "(use_reentrant_gc=True), no kbit prep for quantization_bit, the loss on the full logits"]
     if "liger" in training.trainer_options:
+        from ..engine.liger import kernel_assumptions
+
         out.append("enable_liger_kernel: Liger's fused linear cross-entropy modelled from source (liger-kernel "
-                   "0.8.2); its RMSNorm/SwiGLU/RoPE kernels not modelled (estimate high)")
+                   "0.8.2)")
+        out += kernel_assumptions(model.arch, training)
     return out
 
 
@@ -49,8 +53,10 @@ SPEC = register(TrainerSpec(
         Default("grad_ckpt", True, "model_args.py:145 disable_gradient_checkpointing=False"),
         Default("seq_len", 2048, "data_args.py:46 cutoff_len=2048"),
     ),
-    options={"liger": "enable_liger_kernel: Liger fused linear cross-entropy (modelled from source)"},
+    options={"liger": "enable_liger_kernel: Liger fused linear cross-entropy, RMSNorm, SwiGLU/GeGLU and RoPE "
+                      "kernels (modelled from source)"},
     option_losses={"liger": "liger_flce"},
+    option_kernels={"liger": ("rms_norm", "glu", "rope")},
     method_defaults={m: {"targets": "all-linear"} for m in ("lora", "dora")}
     | {"qlora": {"targets": "all-linear", "kbit_prep": False}},
     adapt=adapt, assumptions=assumptions,

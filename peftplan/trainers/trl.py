@@ -14,6 +14,10 @@ From its source (trl 1.16.0, trl/trainer/):
 - trainer/utils.py 1332: a model given by name is loaded with `dtype=float32` unless `model_init_kwargs["dtype"]`
   says otherwise. peftplan models the model as loaded in the half dtype (`model_init_kwargs={"dtype":
   "bfloat16"}`, what TRL's examples pass and what a 7B+ model on one GPU needs) and prints that assumption.
+- use_liger_kernel (sft_trainer.py 1127-1140): the Liger layer kernels only (`fused_linear_cross_entropy` forced
+  off: it would replace the fused LM head): option `liger` (engine/liger.py).
+- activation_offloading (sft_config.py 291, sft_trainer.py 1190): `get_act_offloading_ctx_manager(model)`
+  (trl/models/activation_offloading.py) around the forward: option `activation_offloading` (engine/offload.py).
 - padding_free / packing (sft_config.py 222-250): packing fills each sequence to max_length and padding-free
   flattens the batch into one row with position_ids; neither changes the tokens per micro-batch that peftplan
   models (B x max_length), so the per-step shapes and memory are the same; what changes is the number of real
@@ -58,6 +62,13 @@ def assumptions(model: TunedModel, training: Any) -> list[str]:
         "model loaded in the half dtype (model_init_kwargs dtype=bfloat16 assumed; TRL loads a model given by name "
         "in float32 otherwise)",
     ]
+    from ..engine.liger import kernel_assumptions
+
+    out += kernel_assumptions(model.arch, training)
+    if "activation_offloading" in training.trainer_options:
+        from ..engine.offload import assumption
+
+        out.append(assumption("trl"))
     for name in training.trainer_options:
         if name in ("packing", "padding_free"):
             out.append(f"{name}: same per-step shapes (micro-batch x max_length tokens); fewer padding tokens, "
@@ -75,7 +86,13 @@ SPEC = register(TrainerSpec(
         Default("seq_len", 1024, "SFTConfig.max_length default 1024 (sft_config.py:202)"),
     ),
     options={"packing": "SFTConfig.packing: pack sequences to max_length (same per-step shapes)",
-             "padding_free": "SFTConfig.padding_free: one flattened row per batch (same tokens per step)"},
+             "padding_free": "SFTConfig.padding_free: one flattened row per batch (same tokens per step)",
+             "liger": "SFTConfig.use_liger_kernel: Liger's RMSNorm, SwiGLU/GeGLU and RoPE kernels (its fused "
+                      "cross-entropy is refused by SFTTrainer, sft_trainer.py 1127-1140), modelled from source",
+             "activation_offloading": "SFTConfig.activation_offloading: saved activations in host memory "
+                                      "(trl/models/activation_offloading.py), modelled from source"},
+    option_kernels={"liger": ("rms_norm", "glu", "rope")},
+    option_offload={"activation_offloading": "trl"},
     method_defaults={"qlora": {"kbit_prep": False}},  # SFTTrainer never calls prepare_model_for_kbit_training
     adapt=adapt, assumptions=assumptions,
     checked="traced: TRL's own compute_loss on its Triton path under fake tensors, every method in the CI matrix",
