@@ -40,7 +40,7 @@ def _chunk_rows(total: int, n: int) -> list[int]:
 
 def chunked_ce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int, virtual_tokens: int,
                num_chunks: int = AXOLOTL_DEFAULT_CHUNKS) -> Tensor:
-    from .losses import LossError
+    from .loss_error import LossError
 
     if arch.task != "causal-lm":
         raise LossError(f"axolotl's chunked cross-entropy replaces ForCausalLMLoss; {arch.name} is {arch.task}")

@@ -50,7 +50,7 @@ def liger_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
 def liger_flce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,
                virtual_tokens: int) -> Tensor:
     """Liger's fused linear cross-entropy through `LigerForCausalLMLoss` (module docstring)."""
-    from .losses import LossError
+    from .loss_error import LossError
 
     if arch.task != "causal-lm":
         raise LossError(f"Liger's fused linear cross-entropy patches causal LMs; {arch.name} is {arch.task}")

@@ -46,6 +46,7 @@ from ..arch import ModelArch
 from ..dtypes import BOOL, FP32, INT64
 from .autograd import Node, Param, Tape
 from .ops import COUNTER, Ctx, count_matmul
+from .loss_error import LossError  # noqa: F401  (re-exported: callers import it from here)
 from .program import loss_forward
 from .sim import Tensor
 
@@ -53,10 +54,6 @@ TRL_VOCAB_TILE = 32768  # trl/trainer/utils.py `_CHUNKED_LOGPROB_CHUNK_SIZE`
 TRL_TOKEN_TILE = 4096  # trl/kernels/chunked_logprob.py:31 `TOKEN_CHUNK_SIZE`
 TRL_RUNNING_STATS = 7  # chunked_logprob.py:340-346: running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum,
 #                        max_before_target, target_logit
-
-
-class LossError(ValueError):
-    """A loss that does not apply to the model (one line, for the user)."""
 
 
 def full_logits(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,

@@ -37,7 +37,7 @@ def unsloth_chunks(rows: int, vocab: int, target_gib: float = UNSLOTH_CE_TARGET_
 
 def unsloth_fused_ce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,
                      virtual_tokens: int) -> Tensor:
-    from .losses import LossError
+    from .loss_error import LossError
 
     if arch.task != "causal-lm":
         raise LossError(f"Unsloth's fused cross-entropy scores next tokens of a causal LM; {arch.name} is {arch.task}")
