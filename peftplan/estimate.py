@@ -191,10 +191,26 @@ def build_tuned(arch: ModelArch, method: str, options: dict[str, Any] | None, tr
 
     spec = get_method(method)
     trainer = get_trainer(training.trainer)
-    opts = spec.make_options(trainer.method_options(method, options))
+    values = trainer.method_options(method, options)
+    note = None
+    from .methods.moe_lora import peft_drops_default_targets
+
+    if spec.default_targets is not None and values.get("targets") is None \
+            and (not spec.default_targets.get(arch.model_type) or peft_drops_default_targets(arch)):
+        # peft has no default target modules for this model_type (peft utils/constants.py): a config
+        # without target_modules raises there. Rather than refuse, estimate what practice sets (axolotl
+        # `lora_target_linear`, Unsloth's default, the QLoRA paper's recommendation) and say so.
+        values = {**values, "targets": "all-linear"}
+        note = (f"peft has no default {spec.name} target modules for model_type {arch.model_type!r} (a config "
+                f"without target_modules raises there): estimated with --targets all-linear; pass --targets to choose")
+    opts = spec.make_options(values)
     model = spec.build(arch, opts, training)
     if trainer.adapt is not None:
         model = trainer.adapt(model, training)
+    if note is not None:
+        from dataclasses import replace as _replace
+
+        model = _replace(model, notes=(note, *model.notes))
     return model, opts
 
 

@@ -55,13 +55,27 @@ def test_lora_param_counts_follow_peft_moe_conversion(family, targets):
 
 
 @pytest.mark.parametrize("family", list(TINY))
-def test_default_targets_fail_like_peft(family):
-    """peft 0.21 + transformers 5.23: LoraConfig() without target_modules raises on these models."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_no_default_targets_estimates_all_linear_and_says_so(family, method):
+    """peft 0.21 + transformers 5.23: LoraConfig() without target_modules raises on these models. peftplan
+    does not refuse: it estimates all-linear (what practice sets) and says why, in the assumptions."""
     arch = from_hf_config(TINY[family], family)
     with torch.device("meta"), pytest.raises(ValueError, match="target_modules"):
         peft.get_peft_model(_hf(TINY[family]), peft.LoraConfig(task_type="CAUSAL_LM"))
-    with pytest.raises(MethodError, match="--targets"):
-        build_tuned(arch, "lora", {}, Training(micro_batch=1, seq_len=8))
+    training = Training(micro_batch=1, seq_len=8)
+    tuned, opts = build_tuned(arch, method, {}, training)
+    assert opts.targets == "all-linear"
+    assert any("no default" in n and "all-linear" in n for n in tuned.notes)
+    explicit, _ = build_tuned(arch, method, {"targets": "all-linear"}, training)
+    assert count_params(tuned) == count_params(explicit)
+    est = estimate(arch, method, training, load_gpu("h100"))
+    assert est.options["targets"] == "all-linear" and any("no default" in a for a in est.assumptions)
+
+
+def test_a_model_type_with_a_peft_default_keeps_it():
+    arch = load_model("llama3.2-1b")
+    tuned, opts = build_tuned(arch, "lora", {}, Training(micro_batch=1, seq_len=8))
+    assert opts.targets is None and not any("no default" in n for n in tuned.notes)
 
 
 def test_gpt_oss_is_eager_and_dequantized():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 from ..arch import ModelArch
 from ..training import Training
@@ -37,6 +37,8 @@ class MethodSpec(Generic[O]):
     build: Callable[[ModelArch, O, Training], TunedModel]
     peft_type: str | None
     source: str
+    # peft's default target modules per model_type (utils/constants.py), for methods that take `targets`
+    default_targets: Mapping[str, Sequence[str]] | None = None
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options_cls))  # type: ignore[arg-type]

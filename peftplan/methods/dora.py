@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..arch import ModelArch
 from ..training import Training
 from ..tuned import TunedModel
+from .lora import LORA_DEFAULT_TARGETS
 from .base import MethodSpec, register
 from .common import frozen_base_dtype, uniform_model
 from .lora import LoraOptions, lora_model, validate_lora
@@ -24,4 +25,5 @@ def build(arch: ModelArch, options: LoraOptions, training: Training) -> TunedMod
 SPEC = register(MethodSpec(
     name="dora", summary="DoRA: LoRA direction + trainable magnitude (peft use_dora=True)",
     options_cls=LoraOptions, build=build, peft_type="LORA", source="Liu et al. 2024, arXiv:2402.09353",
+    default_targets=LORA_DEFAULT_TARGETS,
 ))

@@ -56,4 +56,5 @@ def build(arch: ModelArch, options: IA3Options, training: Training) -> TunedMode
 SPEC = register(MethodSpec(
     name="ia3", summary="(IA)3: learned rescaling vectors on keys, values and feed-forward",
     options_cls=IA3Options, build=build, peft_type="IA3", source="Liu et al. 2022, arXiv:2205.05638",
+    default_targets=IA3_DEFAULT_TARGETS,
 ))

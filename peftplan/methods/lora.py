@@ -96,4 +96,5 @@ def build(arch: ModelArch, options: LoraOptions, training: Training) -> TunedMod
 SPEC = register(MethodSpec(
     name="lora", summary="LoRA: frozen base, trainable low-rank A/B on target linears",
     options_cls=LoraOptions, build=build, peft_type="LORA", source="Hu et al. 2021, arXiv:2106.09685",
+    default_targets=LORA_DEFAULT_TARGETS,
 ))

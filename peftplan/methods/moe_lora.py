@@ -68,6 +68,12 @@ def moe_v4_names(arch: ModelArch, raw_targets: str | None) -> tuple[tuple[str, .
     return mapped, ",".join(rest) if rest else None
 
 
+def peft_drops_default_targets(arch: ModelArch) -> bool:
+    """True when peft 0.21's v4 -> v5 MoE config conversion turns "no target_modules" into none (see
+    split_targets): get_peft_model raises although utils/constants.py lists a default."""
+    return CONVERSION_PATTERN.get(arch.model_type) is not None and any(b.moe is not None for b in arch.blocks)
+
+
 def split_targets(arch: ModelArch, raw_targets: str | None, targets: tuple[str, ...], rank: int,
                   dropout: float, dora: bool) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
     """(module targets, ((MoE parameter, rank), ...)) after peft's v4 -> v5 MoE config conversion."""

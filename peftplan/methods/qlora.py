@@ -17,6 +17,7 @@ from ..arch import ModelArch
 from ..dtypes import FP32, INT8, NF4, FP4
 from ..training import Training
 from ..tuned import Quant, TunedModel
+from .lora import LORA_DEFAULT_TARGETS
 from .base import MethodError, MethodSpec, register
 from .common import frozen_base_dtype, replace_blocks, uniform_model
 from .lora import LoraOptions, lora_model, validate_lora
@@ -72,4 +73,5 @@ def build(arch: ModelArch, options: QLoraOptions, training: Training) -> TunedMo
 SPEC = register(MethodSpec(
     name="qlora", summary="QLoRA: LoRA on a 4-bit NF4 (or FP4 / int8) bitsandbytes base",
     options_cls=QLoraOptions, build=build, peft_type="LORA", source="Dettmers et al. 2023, arXiv:2305.14314",
+    default_targets=LORA_DEFAULT_TARGETS,
 ))
