@@ -212,6 +212,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bo
 th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; white-space: nowrap; }
 th { background: #f6f8fa; } td.l, th.l { text-align: left; }
 .no { color: #cf222e; font-weight: 600; } .yes { color: #1a7f37; font-weight: 600; }
+.tight { color: #9a6700; font-weight: 600; }
 .wrap { overflow-x: auto; } td.opt { white-space: normal; min-width: 220px; max-width: 320px; font-size: 0.9em; } ul { line-height: 1.5; } code { background: #f6f8fa; padding: 1px 4px; }
 """
 
@@ -263,6 +264,13 @@ def write_html(comparison: Comparison, path: str | Path, title: str | None = Non
         for i, (name, cap) in enumerate(gpus.items()):
             fig.add_hline(y=_gib(cap), line_dash="dash", line_color=palette[i % len(palette)],
                           annotation_text=f"{_e(name)}: {_gib(cap):.1f} GiB", annotation_position="top left")
+
+    # 0. the fit matrix: does each method fit on each GPU at each sequence length (report_fit.py)
+    if est or comparison.skipped:
+        from .report_fit import comparison_fit_matrix, fit_matrix_figure
+
+        figures.append(("fit", "Does it fit? Method x GPU" + (" x sequence length" if many_seqs else ""),
+                        fit_matrix_figure(comparison_fit_matrix(comparison))))
 
     # 1. memory components: one bar per (model, method, seq, precision); GPUs share bars when the
     #    estimates agree (the memory does not depend on the GPU beyond its precision)
@@ -358,6 +366,10 @@ def write_html(comparison: Comparison, path: str | Path, title: str | None = Non
     first = True
     for sid, heading, fig in figures:
         parts.append(f"<h2 id=\"{sid}\">{_e(heading)}</h2>")
+        if sid == "fit":
+            from .report_fit import LEGEND_HTML
+
+            parts.append(LEGEND_HTML)
         parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False,
                                  config={"displaylogo": False, "responsive": True}))
         first = False
@@ -378,9 +390,15 @@ def write_html(comparison: Comparison, path: str | Path, title: str | None = Non
     return path
 
 
+_VERDICT_CLASS = {"fits": "yes", "tight": "tight", "flush": "tight", "OOM": "no"}
+
+
 def _table_html(comparison: Comparison) -> str:
+    from .labels import option_label
+    from .report_fit import estimate_verdict
+
     cols = [("model", "l"), ("method", "l"), ("options", "l"), ("gpu", "l"), ("seq", ""), ("batch", ""),
-            ("precision", "l"), ("fits", "l"), ("device GiB", ""), ("capacity GiB", ""), ("headroom GiB", ""),
+            ("precision", "l"), ("verdict", "l"), ("device GiB", ""), ("capacity GiB", ""), ("headroom GiB", ""),
             ("allocated GiB", ""), ("peak phase", "l")]
     cols += [(f"{COMPONENT_LABELS[k]} GiB", "") for k in COMPONENT_ORDER[:9]]
     cols += [("trainable", ""), ("total params", ""), ("trainable %", ""), ("TFLOP/step", ""),
@@ -391,9 +409,9 @@ def _table_html(comparison: Comparison) -> str:
     for e in comparison.estimates:
         m, c, t = e.memory, e.compute, e.training
         cells = [
-            (e.model, "l"), (e.method, "l"), (json.dumps(e.options, sort_keys=True, default=str), "l opt"), (e.gpu, "l"),
+            (e.model, "l"), (e.method, "l"), (option_label(e.method, e.options) or "-", "l opt"), (e.gpu, "l"),
             (t.seq_len, ""), (t.micro_batch, ""), (t.precision, "l"),
-            ("yes" if e.fits else "no", "l yes" if e.fits else "l no"),
+            (estimate_verdict(e), "l " + _VERDICT_CLASS[estimate_verdict(e)]),
             (f"{_gib(m.device_total_bytes):.2f}", ""), (f"{_gib(e.gpu_memory_bytes):.2f}", ""),
             (f"{_gib(e.headroom_bytes):.2f}", ""), (f"{_gib(m.peak_allocated_bytes):.2f}", ""), (m.peak_phase, "l"),
         ]
@@ -417,7 +435,10 @@ def _assumptions_html(comparison: Comparison) -> str:
     opts = _unique((e.method, json.dumps(e.options, sort_keys=True, default=str)) for e in comparison.estimates)
     if opts:
         out.append("<p>Method options:</p><ul>")
-        out += [f"<li><b>{_e(m)}</b>: <code>{_e(o)}</code></li>" for m, o in opts]
+        from .labels import option_label
+
+        out += [f"<li><b>{_e(m)}</b> {_e(option_label(m, json.loads(o)))}: <code>{_e(o)}</code></li>"
+                for m, o in opts]
         out.append("</ul>")
     notes = list(comparison.notes)
     notes += _unique(a for e in comparison.estimates for a in e.assumptions)
