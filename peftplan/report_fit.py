@@ -137,19 +137,26 @@ def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / BYTES_PER_GIB:,.2f} GiB"
 
 
+def _wrap(text: str, width: int = 72) -> list[str]:
+    """Hover labels do not wrap by themselves."""
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
 def _hover(row: str, column: str, c: FitCell) -> str:
     e = lambda t: html.escape(str(t), quote=True)  # noqa: E731  (plotly renders entities as text)
     head = f"<b>{e(row)}</b><br>{e(column)}<br>"
     if c.verdict == "n/a":
-        return head + "not estimated: " + e(c.detail)
+        return head + "not estimated: " + "<br>".join(e(x) for x in _wrap(c.detail))
     lines = [f"peak allocated: {_gib(c.peak_allocated_bytes)}",
              f"peak reserved: {_gib(c.peak_reserved_bytes)}" if c.peak_reserved_bytes is not None
              else "peak reserved: not replayed",
              f"device total: {_gib(c.device_total_bytes)}", f"capacity: {_gib(c.capacity_bytes)}",
              "headroom: " + ("-" if c.headroom_bytes is None else f"{c.headroom_bytes / BYTES_PER_GIB:+,.2f} GiB"),
-             f"<b>{e(c.verdict)}</b>: {e(c.detail)}"]
+             f"<b>{e(c.verdict)}</b>: " + "<br>".join(e(x) for x in _wrap(c.detail))]
     if c.note:
-        lines.append(e(c.note))
+        lines += [e(x) for x in _wrap(c.note)]
     return head + "<br>".join(lines)
 
 
@@ -208,7 +215,8 @@ def fit_matrix_figure(m: FitMatrix, height: int | None = None):  # type: ignore[
     fig.update_yaxes(autorange="reversed", title_text=esc(m.row_title), type="category")
     fig.update_xaxes(side="top", title_text=esc(m.column_title), type="category", tickangle=0,
                      tickvals=xs, ticktext=[x.replace(" · ", "<br>") for x in xs])
-    fig.update_layout(height=height or max(260, 90 + 38 * len(m.rows)), margin=dict(t=90, l=10, r=10, b=20),
+    per_row = 38 if len(m.rows) <= 16 else 28
+    fig.update_layout(height=height or max(260, 110 + per_row * len(m.rows)), margin=dict(t=90, l=10, r=10, b=20),
                       plot_bgcolor="#ffffff", showlegend=False)
     return fig
 
