@@ -24,8 +24,9 @@ from ..units import BYTES_PER_GIB
 from .ranking import quality_of
 from .space import TARGETS, PlanResult, PlanRow
 
-_PALETTE = ["#0969da", "#cf222e", "#1a7f37", "#8250df", "#bf8700", "#57606a", "#e16f24", "#1b7c83", "#a40e26",
-            "#0550ae", "#6639ba"]
+# distinct hues for up to 11 methods (d3's category10, then black)
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf", "#000000"]
 LOWER_BOUND_NOTE = ("device total is a lower bound here (allocated + CUDA context): the planner's fast path does "
                     "not replay the caching allocator; the listed rows are re-estimated with it")
 
@@ -177,9 +178,11 @@ def front_figure(result: PlanResult):  # type: ignore[no-untyped-def]
     low = min([r.device_total_bytes / BYTES_PER_GIB for r in every] + [cap]) / 1.2
     top = max([r.device_total_bytes / BYTES_PER_GIB for r in every] + [cap]) * 1.2
     fig.add_hrect(y0=cap, y1=top, fillcolor="#cf222e", opacity=0.08, line_width=0, row=2, col=1)  # type: ignore[arg-type]
-    fig.add_hline(y=cap, line=dict(color="#cf222e", dash="dash"), row=2, col=1,  # type: ignore[arg-type]
-                  annotation_text=_e(f"{result.gpu.name} capacity {cap:.2f} GiB: fit boundary"),
-                  annotation_position="top left")
+    fig.add_hline(y=cap, line=dict(color="#cf222e", dash="dash"), row=2, col=1)  # type: ignore[arg-type]
+    # placed by hand: add_hline's own annotation lands at 10**cap on a log axis
+    fig.add_annotation(x=0.0, xref="x2 domain", xanchor="left", y=math.log10(cap), yref="y2", yanchor="bottom",
+                       text=_e(f"{result.gpu.name} capacity {cap:.2f} GiB: fit boundary (above: does not fit)"),
+                       showarrow=False, font=dict(color="#cf222e"), bgcolor="rgba(255,255,255,0.7)")
     fig.update_yaxes(title_text="quality prior (GSM8K accuracy)", row=1, col=1)
     fig.update_yaxes(title_text="device memory (GiB = 2^30 B, log)", type="log",
                      range=[math.log10(low), math.log10(top)], row=2, col=1)
