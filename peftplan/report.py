@@ -168,6 +168,16 @@ def to_frame(comparison: Comparison):  # type: ignore[no-untyped-def]
     return pd.DataFrame(to_rows(comparison))
 
 
+def _verdict_text(e: Estimate):  # type: ignore[no-untyped-def]
+    """The fit verdict's short form (report_fit.py), coloured as in the HTML fit matrix."""
+    from rich.text import Text
+
+    from .report_fit import estimate_verdict
+
+    v = estimate_verdict(e)
+    return Text(v, style={"fits": "green", "tight": "yellow", "flush": "yellow"}.get(v, "red"))
+
+
 def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
     """A rich Table of the comparison for the terminal (rich imported only here). The model column
     appears only when there are several models (the title names a single one)."""
@@ -178,7 +188,7 @@ def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
     table = Table(title=Text(comparison.title))  # Text: no rich markup from user strings
     cols = [("model", "left")] if many_models else []
     cols += [("method", "left"), ("gpu", "left"), ("precision", "left"), ("seq", "right"), ("batch", "right"),
-             ("device memory", "right"), ("of", "right"), ("fits", "center"), ("trainable", "right"),
+             ("device memory", "right"), ("of", "right"), ("verdict", "center"), ("trainable", "right"),
              ("TFLOP/step", "right"), ("step time", "right"), ("tokens/s", "right")]
     for col, just in cols:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -188,7 +198,7 @@ def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
             *([Text(e.model)] if many_models else []), Text(e.method), Text(e.gpu), e.training.precision,
             str(e.training.seq_len), str(e.training.micro_batch),
             fmt_gib(e.memory.device_total_bytes), fmt_gib(e.gpu_memory_bytes),
-            Text("yes", style="green") if e.fits else Text("no", style="red"),
+            _verdict_text(e),
             fmt_count(e.params.trainable), f"{c.flops_per_step / 1e12:,.1f}",
             f"{c.step_time_s:.3f} s" if c.step_time_s is not None else "-",
             f"{c.tokens_per_s:,.0f}" if c.tokens_per_s is not None else "-",
