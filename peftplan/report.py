@@ -168,6 +168,16 @@ def to_frame(comparison: Comparison):  # type: ignore[no-untyped-def]
     return pd.DataFrame(to_rows(comparison))
 
 
+def _verdict_text(e: Estimate):  # type: ignore[no-untyped-def]
+    """The fit verdict's short form (report_fit.py), coloured as in the HTML fit matrix."""
+    from rich.text import Text
+
+    from .report_fit import estimate_verdict
+
+    v = estimate_verdict(e)
+    return Text(v, style={"fits": "green", "tight": "yellow", "flush": "yellow"}.get(v, "red"))
+
+
 def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
     """A rich Table of the comparison for the terminal (rich imported only here). The model column
     appears only when there are several models (the title names a single one)."""
@@ -178,7 +188,7 @@ def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
     table = Table(title=Text(comparison.title))  # Text: no rich markup from user strings
     cols = [("model", "left")] if many_models else []
     cols += [("method", "left"), ("gpu", "left"), ("precision", "left"), ("seq", "right"), ("batch", "right"),
-             ("device memory", "right"), ("of", "right"), ("fits", "center"), ("trainable", "right"),
+             ("device memory", "right"), ("of", "right"), ("verdict", "center"), ("trainable", "right"),
              ("TFLOP/step", "right"), ("step time", "right"), ("tokens/s", "right")]
     for col, just in cols:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -188,7 +198,7 @@ def comparison_table(comparison: Comparison):  # type: ignore[no-untyped-def]
             *([Text(e.model)] if many_models else []), Text(e.method), Text(e.gpu), e.training.precision,
             str(e.training.seq_len), str(e.training.micro_batch),
             fmt_gib(e.memory.device_total_bytes), fmt_gib(e.gpu_memory_bytes),
-            Text("yes", style="green") if e.fits else Text("no", style="red"),
+            _verdict_text(e),
             fmt_count(e.params.trainable), f"{c.flops_per_step / 1e12:,.1f}",
             f"{c.step_time_s:.3f} s" if c.step_time_s is not None else "-",
             f"{c.tokens_per_s:,.0f}" if c.tokens_per_s is not None else "-",
@@ -212,6 +222,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em; border-bo
 th, td { border: 1px solid #d0d7de; padding: 4px 8px; text-align: right; white-space: nowrap; }
 th { background: #f6f8fa; } td.l, th.l { text-align: left; }
 .no { color: #cf222e; font-weight: 600; } .yes { color: #1a7f37; font-weight: 600; }
+.tight { color: #9a6700; font-weight: 600; }
 .wrap { overflow-x: auto; } td.opt { white-space: normal; min-width: 220px; max-width: 320px; font-size: 0.9em; } ul { line-height: 1.5; } code { background: #f6f8fa; padding: 1px 4px; }
 """
 
@@ -263,6 +274,13 @@ def write_html(comparison: Comparison, path: str | Path, title: str | None = Non
         for i, (name, cap) in enumerate(gpus.items()):
             fig.add_hline(y=_gib(cap), line_dash="dash", line_color=palette[i % len(palette)],
                           annotation_text=f"{_e(name)}: {_gib(cap):.1f} GiB", annotation_position="top left")
+
+    # 0. the fit matrix: does each method fit on each GPU at each sequence length (report_fit.py)
+    if est or comparison.skipped:
+        from .report_fit import comparison_fit_matrix, fit_matrix_figure
+
+        figures.append(("fit", "Does it fit? Method x GPU" + (" x sequence length" if many_seqs else ""),
+                        fit_matrix_figure(comparison_fit_matrix(comparison))))
 
     # 1. memory components: one bar per (model, method, seq, precision); GPUs share bars when the
     #    estimates agree (the memory does not depend on the GPU beyond its precision)
@@ -358,6 +376,10 @@ def write_html(comparison: Comparison, path: str | Path, title: str | None = Non
     first = True
     for sid, heading, fig in figures:
         parts.append(f"<h2 id=\"{sid}\">{_e(heading)}</h2>")
+        if sid == "fit":
+            from .report_fit import LEGEND_HTML
+
+            parts.append(LEGEND_HTML)
         parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False,
                                  config={"displaylogo": False, "responsive": True}))
         first = False
@@ -378,9 +400,15 @@ def write_html(comparison: Comparison, path: str | Path, title: str | None = Non
     return path
 
 
+_VERDICT_CLASS = {"fits": "yes", "tight": "tight", "flush": "tight", "OOM": "no"}
+
+
 def _table_html(comparison: Comparison) -> str:
+    from .labels import option_label
+    from .report_fit import estimate_verdict
+
     cols = [("model", "l"), ("method", "l"), ("options", "l"), ("gpu", "l"), ("seq", ""), ("batch", ""),
-            ("precision", "l"), ("fits", "l"), ("device GiB", ""), ("capacity GiB", ""), ("headroom GiB", ""),
+            ("precision", "l"), ("verdict", "l"), ("device GiB", ""), ("capacity GiB", ""), ("headroom GiB", ""),
             ("allocated GiB", ""), ("peak phase", "l")]
     cols += [(f"{COMPONENT_LABELS[k]} GiB", "") for k in COMPONENT_ORDER[:9]]
     cols += [("trainable", ""), ("total params", ""), ("trainable %", ""), ("TFLOP/step", ""),
@@ -391,9 +419,9 @@ def _table_html(comparison: Comparison) -> str:
     for e in comparison.estimates:
         m, c, t = e.memory, e.compute, e.training
         cells = [
-            (e.model, "l"), (e.method, "l"), (json.dumps(e.options, sort_keys=True, default=str), "l opt"), (e.gpu, "l"),
+            (e.model, "l"), (e.method, "l"), (option_label(e.method, e.options) or "-", "l opt"), (e.gpu, "l"),
             (t.seq_len, ""), (t.micro_batch, ""), (t.precision, "l"),
-            ("yes" if e.fits else "no", "l yes" if e.fits else "l no"),
+            (estimate_verdict(e), "l " + _VERDICT_CLASS[estimate_verdict(e)]),
             (f"{_gib(m.device_total_bytes):.2f}", ""), (f"{_gib(e.gpu_memory_bytes):.2f}", ""),
             (f"{_gib(e.headroom_bytes):.2f}", ""), (f"{_gib(m.peak_allocated_bytes):.2f}", ""), (m.peak_phase, "l"),
         ]
@@ -417,7 +445,10 @@ def _assumptions_html(comparison: Comparison) -> str:
     opts = _unique((e.method, json.dumps(e.options, sort_keys=True, default=str)) for e in comparison.estimates)
     if opts:
         out.append("<p>Method options:</p><ul>")
-        out += [f"<li><b>{_e(m)}</b>: <code>{_e(o)}</code></li>" for m, o in opts]
+        from .labels import option_label
+
+        out += [f"<li><b>{_e(m)}</b> {_e(option_label(m, json.loads(o)))}: <code>{_e(o)}</code></li>"
+                for m, o in opts]
         out.append("</ul>")
     notes = list(comparison.notes)
     notes += _unique(a for e in comparison.estimates for a in e.assumptions)

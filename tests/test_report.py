@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,11 +11,12 @@ import pytest
 pytest.importorskip("plotly")
 pytest.importorskip("pandas")
 
-from peftplan.catalog import load_config  # noqa: E402
+from peftplan.catalog import GPU, custom_gpu, load_config, load_gpu, load_model  # noqa: E402
+from peftplan.estimate import Estimate, estimate  # noqa: E402
 from peftplan.report import Comparison, compare, comparison_table, to_frame, to_rows, write_html  # noqa: E402
+from peftplan.report_fit import comparison_fit_matrix  # noqa: E402
 from peftplan.training import Training  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 EVIL = "<script>alert('x')</script>"
 
 
@@ -102,35 +100,102 @@ def test_terminal_table(comparison: Comparison) -> None:
     assert EVIL in out  # shown literally, not interpreted as rich markup
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+# ---------------------------------------------------------------------------------------------
+# the fit matrix
+# ---------------------------------------------------------------------------------------------
+
+def _verdict_from_text(e: Estimate) -> str:
+    """The short verdict read from the estimate's own sentence (fit.py fit_verdict), not from report_fit."""
+    if e.verdict.startswith("does not fit"):
+        return "OOM"
+    if e.verdict.startswith("fits only by flushing"):
+        return "flush"
+    if e.verdict.startswith("fits with") and ": tight" in e.verdict:
+        return "tight"
+    assert e.verdict.startswith("fits with"), e.verdict
+    return "fits"
 
 
-def test_report_renders_in_headless_chromium(html_file: Path, tmp_path: Path) -> None:
-    exe = _chromium()
-    if exe is None:
-        message = "chromium is not installed (apt-get install -y chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    common = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
-    url = html_file.as_uri()
-    shot = tmp_path / "shot.png"
-    run = subprocess.run(common + [f"--screenshot={shot}", "--window-size=1400,2400", url],
-                         capture_output=True, text=True, timeout=180)
-    assert shot.exists() and shot.stat().st_size > 10_000, run.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Uncaught" not in run.stderr, run.stderr[-2000:]
-    dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True, timeout=180)
-    assert "Uncaught" not in dom.stderr, dom.stderr[-2000:]
-    assert 'class="main-svg"' in dom.stdout  # plotly drew its SVGs
-    assert dom.stdout.count('class="main-svg"') >= 5
-    keep = ROOT / "reports" / "_screenshots"
-    keep.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, keep / "report.png")
+@pytest.fixture(scope="module")
+def fit_case() -> tuple[Comparison, dict[str, GPU]]:
+    """Two GPUs sized from an independent LoRA estimate so that every verdict occurs: one holds it by half
+    of what the estimate may miss (tight), one only once the allocator flushes its cache (flush)."""
+    arch, a100 = load_model("llama3.2-1b"), load_gpu("a100-80g")
+    m = estimate(arch, "lora", Training(micro_batch=2, seq_len=512), a100).memory
+    gpus = {"tight": custom_gpu(m.device_total_bytes + (m.envelope_high_bytes - m.envelope_low_bytes) // 2, a100),
+            "flush": custom_gpu(m.device_total_bytes - (m.peak_reserved_bytes - m.peak_allocated_bytes) // 2, a100),
+            "a100": a100}
+    c = compare([arch], ["full", "lora", "qlora", "bitfit"], list(gpus.values()), seqs=[512, 1024],
+                training=Training(micro_batch=2), options_by_method={"qlora": {"rank": 16, "targets": "all-linear"}})
+    return c, gpus
+
+
+def test_fit_matrix_cells_are_the_estimates_verdicts(fit_case: tuple[Comparison, dict[str, GPU]]) -> None:
+    comparison, gpus = fit_case
+    matrix = comparison_fit_matrix(comparison)
+    arch = load_model("llama3.2-1b")
+    assert matrix.rows == ["full", "lora r8", "qlora r16 all-linear nf4+dq", "bitfit"]
+    assert matrix.columns == [f"{g.name} · seq {s}" for g in gpus.values() for s in (512, 1024)]
+    seen = set()
+    for method, row in zip(("full", "lora", "qlora", "bitfit"), matrix.rows):
+        for gpu in gpus.values():
+            for seq in (512, 1024):
+                cell = matrix.cell(row, f"{gpu.name} · seq {seq}")
+                assert cell is not None
+                if method == "bitfit":  # llama has no biases
+                    assert cell.verdict == "n/a" and "no bias" in cell.detail
+                    continue
+                opts = {"rank": 16, "targets": "all-linear"} if method == "qlora" else None
+                e = estimate(arch, method, Training(micro_batch=2, seq_len=seq), gpu, opts)  # computed again
+                assert cell.verdict == _verdict_from_text(e), (row, gpu.name, seq, e.verdict)
+                assert (cell.headroom_bytes, cell.device_total_bytes, cell.capacity_bytes) == \
+                    (gpu.memory_bytes - e.memory.device_total_bytes, e.memory.device_total_bytes, gpu.memory_bytes)
+                assert (cell.peak_allocated_bytes, cell.peak_reserved_bytes) == \
+                    (e.memory.peak_allocated_bytes, e.memory.peak_reserved_bytes)
+                seen.add(cell.verdict)
+    assert seen == {"fits", "tight", "flush", "OOM"}  # the case exercises every verdict
+    assert matrix.cell("lora r8", f"{gpus['tight'].name} · seq 512").verdict == "tight"
+    assert matrix.cell("lora r8", f"{gpus['flush'].name} · seq 512").verdict == "flush"
+
+
+def test_fit_matrix_opens_the_report_with_hover_numbers(fit_case: tuple[Comparison, dict[str, GPU]],
+                                                       tmp_path: Path) -> None:
+    comparison, gpus = fit_case
+    text = write_html(comparison, tmp_path / "fit.html").read_text(encoding="utf-8")
+    assert text.index('id="fit"') < text.index('id="memory"') < text.index('id="table"')
+    for what in ("peak allocated: ", "peak reserved: ", "device total: ", "capacity: ", "headroom: "):
+        assert what in text
+    assert "fits with" in text and "tight (less than" in text and "fits only by flushing" in text
+    # the numbers table: readable option labels, not dicts; the raw options stay in the assumptions
+    table = text[text.index('id="table"'):text.index('id="assumptions"')]
+    assert "r16 all-linear nf4+dq" in table and '"rank"' not in table and "{" not in table
+    assert ">tight<" in table and ">flush<" in table and ">OOM<" in table
+    assert '"rank": 16' in text[text.index('id="assumptions"'):].replace("&quot;", '"')
+
+
+def test_report_renders_in_headless_chromium(html_file: Path, comparison: Comparison, tmp_path: Path) -> None:
+    from browser import render
+
+    page = render(html_file, tmp_path, "report")
+    assert page.dom.count('class="main-svg"') >= 6  # plotly drew its SVGs (fit matrix, memory, seq, ...)
+    matrix = comparison_fit_matrix(comparison)
+    assert len(page.hovers) == len(matrix.rows) * len(matrix.columns)
+    for (j, i), said in page.hovers.items():  # the mouse over each cell shows that cell's numbers
+        cell = matrix.cell(matrix.rows[j], matrix.columns[i])
+        assert cell is not None and matrix.rows[j] in said and matrix.columns[i] in said, said
+        if cell.verdict == "n/a":
+            assert "not estimated" in said and "no bias" in said, said
+        else:
+            for what in ("peak allocated", "peak reserved", "device total", "capacity", "headroom"):
+                assert what in said, said
+            assert f"{cell.device_total_bytes / 2**30:,.2f} GiB" in said and f"{cell.verdict}:" in said, said
+
+
+def test_fit_matrix_renders_every_verdict_in_headless_chromium(fit_case: tuple[Comparison, dict[str, GPU]],
+                                                               tmp_path: Path) -> None:
+    from browser import render
+
+    comparison, _ = fit_case
+    page = render(write_html(comparison, tmp_path / "fit.html"), tmp_path, "report-fit", height=1000)
+    said = " ".join(page.hovers.values())
+    assert "tight: fits with" in said and "flush: fits only by flushing" in said and "OOM: does not fit" in said

@@ -227,6 +227,8 @@ def row_from_estimate(config: PlanConfig, est: Estimate) -> PlanRow:
         est.memory.device_total_bytes, est.gpu_memory_bytes, est.fits, est.headroom_bytes,
         est.compute.flops_per_step, est.compute.step_time_s, est.compute.tokens_per_s,
         est.params.trainable, est.params.total, path="direct",
+        peak_reserved_bytes=est.memory.peak_reserved_bytes,
+        envelope_bytes=est.memory.envelope_high_bytes - est.memory.envelope_low_bytes,
     )
 
 

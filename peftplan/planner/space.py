@@ -49,15 +49,10 @@ class Variant:
 
     @property
     def label(self) -> str:
-        o = self.opts()
-        parts = [self.method]
-        if "rank" in o:
-            parts.append(f"r{o['rank']}")
-        if self.method == "qlora":
-            parts.append(str(o.get("quant", "nf4")) + ("+dq" if o.get("double_quant", True) else ""))
-        if o.get("targets"):
-            parts.append(str(o["targets"]))
-        return " ".join(parts)
+        """"qlora r16 all-linear nf4+dq": the method and its options as labels.py reads them."""
+        from ..labels import config_label
+
+        return config_label(self.method, self.opts())
 
     @property
     def targets(self) -> str:
@@ -153,6 +148,11 @@ class PlanRow:
     path: str = "fast"  # "fast" (exact polynomial path) or "direct" (estimate() call)
     quality: float | None = None  # the method family's quality prior (data/quality_prior.json), None: unknown
     tie: bool = False  # ties with the row above within the models' error (ranking.py)
+    # estimate()'s numbers, on rows it re-estimated (path "direct"); None on the fast path, which does not
+    # replay the caching allocator: the reserved peak, and the envelope's spread (what the estimate may miss,
+    # fit.py: a run that fits by less is "tight")
+    peak_reserved_bytes: int | None = None
+    envelope_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         c = self.config
