@@ -315,7 +315,7 @@ def _roofline_time(model: TunedModel, training: Training, gpu: GPU, counted: Flo
     if mem.paged_optimizer_bytes:  # unified memory pages out only what does not fit beside the step
         paged_over = min(mem.paged_optimizer_bytes, max(0, device_total + mem.paged_optimizer_bytes - gpu.memory_bytes))
     return roofline.step_time(
-        roofline.kernel_table(counted.kernels), roofline.rates_for(gpu), grad_accum=training.grad_accum,
+        getattr(counted, "table", None) or roofline.kernel_table(counted.kernels), roofline.rates_for(gpu), grad_accum=training.grad_accum,
         optimizer=training.optimizer, optimizer_impl=training.optimizer_impl, trainable_bytes=mem.trainable_bytes,
         trainable_elements=count_params(model).trainable, paged_bytes_over=paged_over,
         offload_bytes=(mem.trainable_bytes if training.offload != "none" else 0)

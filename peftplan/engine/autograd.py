@@ -41,6 +41,7 @@ class Node:
     on_backward: Callable[[], None] | None = None  # extra work (FSDP hooks)
     group: "CheckpointGroup | None" = None  # the checkpointed layer whose recompute fills `saved`
     custom: "Callable[[Tape, Node], None] | None" = None  # replaces the standard backward (reentrant ckpt)
+    block: int | None = None  # the block whose forward recorded it (engine/depth.py segments)
 
 
 def _nbytes(t: Tensor) -> int:
@@ -115,6 +116,8 @@ class Tape:
     _sums: list[tuple[Param, Tensor]] = field(default_factory=list)  # tied-leaf sums waiting for their node's end
     _uses: dict[int, int] = field(default_factory=dict)  # id(leaf tensor) -> uses not yet back-propagated
     offloader: "object | None" = None  # saved activations kept in host memory (engine/offload.py), or None
+    block: int | None = None  # the block being recorded (Node.block)
+    marking: bool = False  # the step's main tape on a MarkingAllocator: backward marks block boundaries
 
     # ---- forward helpers --------------------------------------------------------------
     def new(self, numel: int, dtype: DType, requires_grad: bool, label: str = "",
@@ -159,13 +162,13 @@ class Tape:
         if self.ckpt_group is not None and self.ckpt_group.reentrant:
             return  # CheckpointFunction.forward runs the layer under torch.no_grad()
         if self.ckpt_group is not None:
-            node = Node(name, ins, outputs, [], backward_scratch, group=self.ckpt_group)
+            node = Node(name, ins, outputs, [], backward_scratch, group=self.ckpt_group, block=self.block)
             if any(t is not None for t in saved):
                 self.ckpt_group.saving_nodes.append(node)
             self.nodes.append(node)
             return
         kept = [self.save(t) for t in saved if t is not None]
-        node = Node(name, ins, outputs, kept, backward_scratch)
+        node = Node(name, ins, outputs, kept, backward_scratch, block=self.block)
         self.nodes.append(node)
         if kept:
             self.saving_nodes.append(node)
@@ -274,7 +277,11 @@ class Tape:
                     self._uses[id(inp)] = self._uses.get(id(inp), 0) + 1
         self.grads[id(loss)] = self.alloc.retain(seed) if seed is not None else \
             self.alloc.new(1, loss.dtype, "temporaries")
+        marking, current = self.marking, -2
         for node in reversed(self.nodes):
+            if marking and node.block != current:
+                current = node.block
+                self.alloc.mark("bwd", current)
             if self.offloader is not None:  # host copies brought back before the node runs (engine/offload.py)
                 self.offloader.unpack(node.saved)  # type: ignore[attr-defined]
             if node.custom is not None:
@@ -325,6 +332,8 @@ class Tape:
                 for t in g.keep:  # the last holder of the layer is gone: the frame and its args die
                     self.alloc.release(t)
                 g.keep = []
+        if marking:
+            self.alloc.mark("bwd_end")
         self._finish_sums()
         if self.offloader is not None:
             self.offloader.unpack([])  # type: ignore[attr-defined]  # the last node's reloads

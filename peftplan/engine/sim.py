@@ -76,6 +76,9 @@ class Allocator:
         self.last_event = -1  # the first event of the last add_bytes()
         self._counts: dict[int, int] = {}  # event -> tensors, for new(count > 1)
 
+    def mark(self, kind: str, block: int | None = None) -> None:
+        """A segment boundary for the depth extrapolation (engine/depth.py MarkingAllocator); none here."""
+
     def set_phase(self, phase: str) -> None:
         self.phase = phase
         self._phase_key = phase.split(":")[0]

@@ -84,7 +84,8 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
     embedding = param(rows * cols, model.embedding_dtype, model.embedding_trainable, rows)
     others = [param(r * c, model.embedding_dtype, model.embedding_trainable, r) for _, r, c in arch.embeddings[1:]]
     blocks: list[BlockParams] = []
-    for tb in model.blocks:
+    for i, tb in enumerate(model.blocks):
+        alloc.mark("load", i)
         lps: list[LinearParams] = []
         for t in tb.linears:
             lin = t.linear
@@ -131,6 +132,7 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
             up = param(spec.size * spec.dim + spec.dim, spec.dtype, True, spec.dim)
             adapters.append((spec, down, up))
         blocks.append(BlockParams(tb, lps, norms, adapters, extras, expert_lora))
+    alloc.mark("load_end")
     final_norms = []
     for n in arch.final_norms:
         final_norms.append(param(n.dim, model.final_norm_dtype, model.final_norms_trainable))
@@ -160,6 +162,7 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     autocast = training.compute_dtype if training.mixed else None
     tape = Tape(alloc)
     tape.offloader = offloader_for(alloc, training, model)  # activation offloading (engine/offload.py)
+    tape.marking = getattr(alloc, "segs", None) is not None  # engine/depth.py: mark the blocks' backward
     for p in _all_params(params):
         tape.param_tensor(p)
     ctx = Ctx(tape, tokens, autocast, kernels=layer_kernels(training, arch))  # trainer kernels (engine/liger.py)
@@ -230,6 +233,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     encoder_out = None
     n_enc = sum(1 for b in params.blocks if b.tuned.block.stack == "encoder")
     for i, bp in enumerate(params.blocks):
+        alloc.mark("fwd", i)
+        tape.block = i
         if arch.family == "t5" and i == n_enc:
             encoder_out = stack_end(ctx, arch, h, params.final_norms[0])  # encoder final_layer_norm + dropout
             # peft peft_model.py PeftModelForSeq2SeqLM.forward (PROMPT_TUNING / P_TUNING) cats the prompt
@@ -253,6 +258,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
             h = block_forward(ctx, arch, training, h, bp, cos, kv, encoder_out)
         if fsdp is not None:
             fsdp.block_end(alloc, tape, i)
+    tape.block = None
+    alloc.mark("fwd_end")
     alloc.release(eager_mask)  # LlamaModel.forward returns: its reference dies
     for t in layer_masks.values():
         alloc.release(t)
@@ -270,7 +277,18 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     tape.drop(h)
     if encoder_out is not None:
         tape.drop(encoder_out)
-    ctx.end_forward()
+    if tape.marking:  # the same drops as Ctx.end_forward, marked by the block that cached each copy
+        owners = _block_of_params(params)
+        current = -2
+        for key, t in ctx.cast_cache.items():
+            block = owners.get(key)  # type: ignore[call-overload]
+            if block != current:
+                current = block
+                alloc.mark("endfwd", block)
+            tape.drop(t)
+        ctx.cast_cache.clear()
+    else:
+        ctx.end_forward()
     if fsdp is not None:
         fsdp.forward_end(alloc)
     alloc.set_phase(f"backward:{label}")
@@ -340,7 +358,7 @@ def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor
             out.requires_grad = True
             tape.nodes.append(Node("checkpoint", [h] if h.requires_grad else [], [out],
                                    [tape.save(h, ckpt_input=True), *(tape.save(t) for t in held or [])],
-                                   group=group, custom=reentrant_backward))
+                                   group=group, custom=reentrant_backward, block=tape.block))
         tape.drop(h)
         return out
     group = CheckpointGroup(replay, keep=[tape.keep_input(h), *(alloc.retain(t) for t in held or [])])
@@ -353,6 +371,21 @@ def _checkpointed_block(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor
         for t in group.keep:
             alloc.release(t)
         group.keep = []
+    return out
+
+
+def _block_of_params(params: ModelParams) -> dict[int, int]:
+    """id(Param) -> the index of the block that holds it (engine/depth.py's segments)."""
+    out: dict[int, int] = {}
+    for i, bp in enumerate(params.blocks):
+        for lp in bp.linears:
+            for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3):
+                if p is not None:
+                    out[id(p)] = i
+        for p in [*bp.norms, *bp.extras, *(q for ab in bp.expert_lora.values() for q in ab)]:
+            out[id(p)] = i
+        for _, d, u in bp.adapters:
+            out[id(d)] = out[id(u)] = i
     return out
 
 
@@ -369,14 +402,31 @@ def _all_params(params: ModelParams) -> list[Param]:
     return out
 
 
-def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.FlopCount | None" = None) -> StepMemory:
+def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.FlopCount | None" = None,
+                  extrapolate: bool = True) -> StepMemory:
     """Run the symbolic step and return its peak (allocated bytes) with the breakdown.
 
     With `flop_counter`, the first micro-batch's forward and backward are also counted into it
-    (the same ops `engine.flops.micro_batch_flops` counts), so an estimate runs the tape once less."""
+    (the same ops `engine.flops.micro_batch_flops` counts), so an estimate runs the tape once less.
+    `extrapolate`: a model whose blocks repeat is simulated at two small depths and extrapolated to
+    its own, with the same result byte for byte (engine/depth.py); False (or a configuration
+    depth.py cannot vouch for) runs every block: the reference."""
+    if extrapolate:
+        from .depth import extrapolated_step
+
+        got = extrapolated_step(model, training, flop_counter)
+        if got is not None:
+            return got
+    return _simulate(model, training, flop_counter)
+
+
+def _simulate(model: TunedModel, training: Training, flop_counter: "ops.FlopCount | None" = None,
+              alloc: Allocator | None = None) -> StepMemory:
+    """The whole step on every block of `model` (`alloc`: the allocator to run it on, one GPU only)."""
     model, training = sharding.zero_view(model, training)  # DeepSpeed: pure half-precision module
     plan = sharding.plan_for(training)  # None on one GPU
-    alloc = Allocator() if plan is None else sharding.ShardedAllocator(plan)
+    if alloc is None:
+        alloc = Allocator() if plan is None else sharding.ShardedAllocator(plan)
     alloc.set_phase("load")
     params, trainables, quant_bytes = _load(alloc, model)
     weights = alloc.total - quant_bytes
@@ -408,6 +458,8 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
     step_scratch += sharded_scratch
     states_alive = False
     grad_bytes = 0
+    marking = getattr(alloc, "segs", None) is not None  # engine/depth.py MarkingAllocator
+    owners = _block_of_params(params) if marking else {}
     for step in (1, 2):
         for micro in range(micro_steps):
             label = f"step{step}.mb{micro + 1}"
@@ -423,30 +475,80 @@ def simulate_step(model: TunedModel, training: Training, flop_counter: "ops.Flop
         alloc.set_phase(f"optimizer:step{step}")
         if not states_alive:
             parts = [n for c in costs for n in c.parts]
-            if sum(parts) == state_bytes:  # each state tensor on the timeline (engine/allocator.py)
-                alloc.parts = parts
-            alloc.add_bytes(state_bytes, "optimizer_state")
+            if marking and sum(parts) == state_bytes:
+                # the same tensors added block by block (a rising run: the totals noted on the way are below
+                # the last one, so the peaks are those of one add), each block's in its own segment
+                for block, chunk in _by_block(trainables, [c.parts for c in costs], owners):
+                    alloc.mark("state", block)
+                    alloc.parts = chunk
+                    alloc.add_bytes(sum(chunk), "optimizer_state")
+                alloc.mark("state_end")
+            else:
+                if sum(parts) == state_bytes:  # each state tensor on the timeline (engine/allocator.py)
+                    alloc.parts = parts
+                alloc.add_bytes(state_bytes, "optimizer_state")
             states_alive = True
         scratch_parts: list[int] = []
         if sequential_parts:  # one parameter at a time: its temporaries and the previous one's leftover
             scratch_parts = list(sequential_parts)
         elif training.optimizer_impl == "foreach":  # _multi_tensor_*: one scratch tensor per parameter, a list
             scratch_parts = [c.scratch_bytes for c in costs if c.scratch_bytes]
-        if scratch_parts:  # the separate tensors of the spike, whose sum is the spike (engine/allocator.py replays them)
-            alloc.parts = scratch_parts + ([sharded_scratch] if sharded_scratch else [])
-        alloc.spike(step_scratch)
+        if marking and scratch_parts and not sequential_parts and not sharded_scratch:
+            _marked_spike(alloc, list(_by_block(trainables, [[c.scratch_bytes] if c.scratch_bytes else []
+                                                              for c in costs], owners)))
+        else:
+            if scratch_parts:  # the separate tensors of the spike, whose sum is the spike (engine/allocator.py replays them)
+                alloc.parts = scratch_parts + ([sharded_scratch] if sharded_scratch else [])
+            alloc.spike(step_scratch)
         grad_bytes = alloc.by_category["grads"]
         # zero_grad(set_to_none=True): every gradient freed
+        current = -2
         for p in trainables:
+            if marking and owners.get(id(p)) != current:
+                current = owners.get(id(p))
+                alloc.mark("zero_grad", current)
             if p.grad is not None and p.grad.alive:
                 alloc.release(p.grad)
             p.grad = None
+        if marking:
+            alloc.mark("zero_grad_end")
         if plan is not None:
             plan.zero_grad(alloc)
     act_host, act_copied = host_and_copied(alloc)  # activation offloading (engine/offload.py)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
                       state_bytes, paged, (plan.host_bytes if plan is not None else 0) + act_host, act_copied,
                       alloc.events)
+
+
+def _by_block(trainables: list[Param], parts: list[list[int]], owners: dict[int, int]):  # type: ignore[no-untyped-def]
+    """(block or None, the parts of its run of consecutive trainables) in order (engine/depth.py)."""
+    out: list[tuple[int | None, list[int]]] = []
+    for p, ps in zip(trainables, parts):
+        block = owners.get(id(p))
+        if not out or out[-1][0] != block:
+            out.append((block, []))
+        out[-1][1].extend(ps)
+    return out
+
+
+def _marked_spike(alloc: Allocator, chunks: list[tuple[int | None, list[int]]]) -> None:
+    """Allocator.spike over `chunks`' parts, block by block in marked segments: every part allocated
+    (a rising run, noted once per chunk: the same peaks), then every part freed in the same order."""
+    firsts = []
+    total = 0
+    for block, chunk in chunks:
+        alloc.mark("spike", block)
+        firsts.append(len(alloc.events))
+        alloc.parts = chunk
+        alloc.add_bytes(sum(chunk), "temporaries")
+        total += sum(chunk)
+    ends = firsts[1:] + [len(alloc.events)]
+    for (block, _), first, end in zip(chunks, firsts, ends):
+        alloc.mark("spike_free", block)
+        alloc.events.extend(~i for i in range(first, end))
+    alloc.mark("spike_end")
+    alloc.by_category["temporaries"] -= total
+    alloc.total -= total
 
 
 def _in_optimizer_order(trainables: list[Param], costs: list["OptimizerCost"],

@@ -169,7 +169,7 @@ def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _R
         saved = step_mod.Allocator
         step_mod.Allocator = factory  # type: ignore[assignment]
         try:
-            step_mod.simulate_step(model, training, flop_counter=flop_counter)
+            step_mod.simulate_step(model, training, flop_counter=flop_counter, extrapolate=False)
         finally:
             step_mod.Allocator = saved  # type: ignore[assignment]
     return _Recording(events, classes)
