@@ -25,6 +25,7 @@ from peftplan.engine.ops import FlopCount
 from peftplan.engine.step import simulate_step
 from peftplan.estimate import build_tuned, estimate
 from peftplan.methods import get_method, method_names
+from peftplan.trainers import get_trainer, registry as trainer_registry
 from peftplan.training import OPTIMIZER_IMPLS, OPTIMIZERS, PRECISIONS, Training
 
 N_CONFIGS = int(os.environ.get("PEFTPLAN_DEPTH_CONFIGS", "520"))
@@ -57,12 +58,15 @@ def _config(rng: random.Random):
     n_gpus = 1
     if rng.random() < 0.05:
         n_gpus, shard = 2, rng.choice(("fsdp-full", "zero2", "zero3"))
+    # every registered trainer and a random subset of its switches (Liger kernels, chunked CE, offloading)
+    trainer = rng.choice(tuple(trainer_registry()))
+    trainer_options = tuple(o for o in get_trainer(trainer).options if rng.random() < 0.3)
     training = Training(
         micro_batch=rng.choice((1, 1, 2, 3)), seq_len=rng.choice((16, 64, 100, 256, 512)),
         grad_accum=rng.choice((1, 1, 2, 3)), grad_ckpt=rng.random() < 0.5,
         attention=rng.choice(("eager", "sdpa", "sdpa")), precision=rng.choice(PRECISIONS),
         optimizer=rng.choice(OPTIMIZERS), optimizer_impl=rng.choice(OPTIMIZER_IMPLS),
-        trainer=rng.choice(("hf", "trl")), n_gpus=n_gpus, shard=shard,
+        trainer=trainer, trainer_options=trainer_options, n_gpus=n_gpus, shard=shard,
         alloc_conf=rng.choice(("",) * 8 + ("expandable_segments:True", "max_split_size_mb:64")))
     return model, method, options, training
 
@@ -101,7 +105,8 @@ def test_extrapolated_estimates_equal_the_full_simulation(monkeypatch):
         compared += 1
     assert compared >= min(500, N_CONFIGS)
     # the common configurations take the extrapolated path (not a test that passes by falling back)
-    assert used["fast"] >= compared // 3, used  # 225 of the 520 drawn are eligible (few layers, T5, LISA, ...)
+    # ~1 in 5 drawn is eligible (few layers, T5, LISA, Adafactor / for-loop, offloading trainers fall back)
+    assert used["fast"] >= compared // 6, used
 
 
 @pytest.mark.parametrize("model,method,kw", [
