@@ -65,7 +65,7 @@ def estimate_generic(arch: ModelArch, method: str, training, gpu, options: dict[
     try:
         sched = derive_schedule(arch, method, asdict(opts), effective)
     except HarnessError as exc:
-        raise ArchError(str(exc).splitlines()[0]) from None
+        raise ArchError(f"{arch.name}: cannot derive the step of {arch.model_type!r} from its trace ({str(exc).splitlines()[0]})") from None
     exp = expand(sched, arch.num_layers)
     check = sched.get("check") or {}
     flops = extrapolate_flops(sched["flops"], check.get("flops"), arch.num_layers)

@@ -305,14 +305,16 @@ class _TaggingTracker(T.MemoryTracker):
             self.op_tag = None
 
 
-def _stamp(tensors, tag: int | None) -> None:
-    """Write `tag` into the metadata of every autograd node reachable from `tensors` not stamped yet."""
+def _stamp(tensors, tag: int | None, ckpt: int | None = None) -> None:
+    """Write `tag` into the metadata of every autograd node reachable from `tensors` not stamped yet; a
+    reentrant checkpoint's node (made after its layer's hooks ran, under no_grad) gets `ckpt`, the layer that
+    ran last."""
     stack = [t.grad_fn for t in T.tree_leaves(tensors) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or _KEY in node.metadata:
             continue
-        node.metadata[_KEY] = tag
+        node.metadata[_KEY] = ckpt if "CheckpointFunction" in type(node).__name__ else tag
         stack.extend(n for n, _ in node.next_functions if n is not None)
 
 
@@ -339,13 +341,17 @@ def _tagging_hooks(original):  # type: ignore[no-untyped-def]
                     tracker.layer_of_module[mname] = layers[id(lmod)]
                     break
 
-        def pre(mod, args):  # nodes made before the layer ran belong to whoever made them
-            if id(mod) in layers:
-                _stamp(args, None)
+        module_name = {id(m): n for n, m in names.items()}
+        last: list[int | None] = [None]
+
+        def pre(mod, args):  # nodes made before a layer (or a module outside the layers) ran: not that layer's
+            if id(mod) in layers or tracker.layer_of_module.get(module_name.get(id(mod), "")) is None:
+                _stamp(args, None, last[0])
 
         def post(mod, args, out):
             if id(mod) in layers:
                 _stamp(out, layers[id(mod)])
+                last[0] = layers[id(mod)]
 
         rescan = T._rescan_params
 
