@@ -65,7 +65,7 @@ def _hf_config(cfg: Mapping[str, Any], name: str):  # type: ignore[no-untyped-de
         raise ArchError(f"{name}: config.json has auto_map (remote modelling code); peftplan never runs remote code")
     model_type = str(cfg.get("model_type"))
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ArchError(f"{name}: model_type {model_type!r} has no causal-LM class in transformers "
+        raise ArchError(f"{name}: unsupported model_type {model_type!r}: no peftplan family and no causal-LM class in transformers "
                         f"{transformers_version()} (AutoModelForCausalLM)")
     kw = {k: v for k, v in cfg.items()
           if k not in ("model_type", "_name_or_path", "transformers_version", "torch_dtype", "dtype")}
