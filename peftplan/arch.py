@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 if TYPE_CHECKING:
     from .arch_moe import MoE  # noqa: F401
 
-Family = Literal["llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
+Family = Literal["generic", "llama", "gemma2", "gemma3", "olmo2", "gpt_oss", "phi3", "gpt2", "opt", "bloom", "t5", "bert"]
 Task = Literal["causal-lm", "seq2seq-lm", "masked-lm"]
 StackKind = Literal["decoder", "encoder", "cross-decoder"]
 

@@ -219,6 +219,10 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
     """Peak memory, FLOPs and time of one optimizer step of `method` on `arch` on `gpu`."""
     from dataclasses import asdict as _asdict
 
+    if arch.family == "generic":  # a model_type without an explicit family: trace-derived (peftplan/generic.py)
+        from .generic import estimate_generic
+
+        return estimate_generic(arch, method, training, gpu, options)
     model, opts = build_tuned(arch, method, options, training)
     effective = training
     assumptions = list(model.notes)

@@ -66,7 +66,7 @@ def test_malformed_config(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "peftplan.cli", "estimate", "--model", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
     unknown = tmp_path / "x.json"
-    unknown.write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+    unknown.write_text(json.dumps({"model_type": "no_such_model", "hidden_size": 8}))  # mamba: now the generic path
     proc = subprocess.run([sys.executable, "-m", "peftplan.cli", "estimate", "--model", str(unknown)], capture_output=True, text=True)
     assert proc.returncode == 2 and "unsupported model_type" in proc.stderr
     missing = tmp_path / "y.json"

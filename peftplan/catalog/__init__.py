@@ -146,8 +146,10 @@ def load_model(name_or_path: str) -> ModelArch:
     name, cfg = load_config(name_or_path)
     try:
         return from_hf_config(cfg, name=name)
-    except ArchError:
-        raise
+    except ArchError as exc:  # no explicit family: transformers' own class, read by the harness (peftplan/generic.py)
+        from ..generic import generic_arch_or_raise
+
+        return generic_arch_or_raise(cfg, name, exc)
     except (TypeError, ValueError, KeyError) as exc:
         raise ArchError(f"{name}: malformed config.json ({exc})") from None
 
