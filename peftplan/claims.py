@@ -143,7 +143,7 @@ def _qlora_weights_text() -> str:
 
 
 def _dq_engine_text() -> str:
-    from .engine.step import _quant_constant_bytes
+    from .engine.load import _quant_constant_bytes
     from .tuned import Quant
 
     n = 4096 * 14336

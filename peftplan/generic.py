@@ -38,7 +38,7 @@ def estimate_generic(arch: ModelArch, method: str, training, gpu, options: dict[
     from .arch import resolve_attention
     from .engine.derived import expand, extrapolate_flops
     from .engine.envelope import envelope as _envelope
-    from .estimate import Compute, Estimate, Memory, build_tuned, count_params, overheads
+    from .result import Compute, Estimate, Memory, build_tuned, count_params, overheads
     from .fit import cuda_context_bytes, fit_verdict, replay_reserved
     from .methods.base import MethodError
 

@@ -53,8 +53,11 @@ def test_issue_estimates_run(args):
 
 @pytest.mark.parametrize("model", ["qwen3-30b-a3b", "gpt-oss-20b"])
 def test_moe_without_targets_says_what_peft_does(model):
+    """peft has no usable default target modules here (a LoraConfig without them raises): the estimate says so
+    and uses all-linear, instead of refusing (estimate.py build_tuned)."""
     r = run("estimate", "--model", model, "--method", "lora", "--gpu", "h100")
-    assert r.exit_code == 2 and "--targets" in r.output
+    assert r.exit_code == 0, r.output
+    assert "no default lora target modules" in " ".join(r.output.split()) and "all-linear" in r.output
 
 
 def test_compare_new_models_renders():

@@ -22,7 +22,7 @@ import peftplan.engine.depth as depth
 import peftplan.estimate as estimate_mod
 from peftplan.catalog import load_gpu, load_model, model_names
 from peftplan.engine.ops import FlopCount
-from peftplan.engine.step import simulate_step
+from peftplan.engine.step import StepMemory, _simulate, simulate_step
 from peftplan.estimate import build_tuned, estimate
 from peftplan.methods import get_method, method_names
 from peftplan.trainers import get_trainer, registry as trainer_registry
@@ -123,7 +123,7 @@ def test_large_models_take_the_fast_path_exactly(model, method, kw):
     training = Training(micro_batch=1, seq_len=256, **kw)
     tuned, _ = build_tuned(arch, method, None, training)
     fa, fb = FlopCount(), FlopCount()
-    got = depth.extrapolated_step(tuned, training, fa)
+    got = depth.extrapolated_step(tuned, training, fa, simulate=_simulate, step_memory=StepMemory)
     assert got is not None, "the common case must take the extrapolated path"
     ref = simulate_step(tuned, training, fb, extrapolate=False)
     assert (got.peak, got.phase_peaks, list(got.phase_peaks), got.events, got.weights_bytes, got.grad_bytes,

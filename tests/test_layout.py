@@ -37,15 +37,13 @@ def _resolve(current: str, is_package: bool, node: ast.ImportFrom) -> str:
 
 
 def _imports(tree: ast.AST, top_level_only: bool) -> list[ast.AST]:
-    """The import statements of a module: all of them, or those that run when it is imported (not inside
-    a function, nor under `if TYPE_CHECKING:`)."""
-    if not top_level_only:
-        return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    """The import statements of a module that can run: all of them, or those that run when it is imported
+    (not inside a function). Imports under `if TYPE_CHECKING:` never run and are left out of both."""
     out: list[ast.AST] = []
     todo = list(ast.iter_child_nodes(tree))
     while todo:
         node = todo.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             continue
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             todo.extend(node.orelse)

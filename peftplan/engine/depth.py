@@ -223,10 +223,14 @@ def _fit(v1: Any, v2: Any, k: int, v21: Any = None, c: int = 0) -> int:
     return out
 
 
-def extrapolated_step(model: TunedModel, training: Training, flop_counter: Any = None) -> Any:
-    """engine/step.py simulate_step's StepMemory from two shallow runs, or None: not periodic."""
+def extrapolated_step(model: TunedModel, training: Training, flop_counter: Any = None, *,
+                      simulate: Any, step_memory: Any) -> Any:
+    """engine/step.py simulate_step's StepMemory from two shallow runs, or None: not periodic.
+    `simulate`: step.py's `_simulate` (one run on a given allocator); `step_memory`: its StepMemory class
+    (passed in, so this module does not import step.py back)."""
     from . import ops, roofline
-    from .step import StepMemory, _simulate
+
+    _simulate, StepMemory = simulate, step_memory
 
     if training.n_gpus != 1 or training.shard != "none" or training.offload != "none":
         return None
@@ -298,7 +302,6 @@ def _peaks(r1: _Run, r2: _Run, full: list[tuple[Any, ...]], samples: dict, k: in
     """The step's Peak and phase peaks over the full sequence of segments (strict `>`, in order)."""
     best = Peak()
     phase_peaks: dict[str, int] = {}
-    memo: dict[tuple[Any, ...], tuple[Peak, dict[str, int]]] = {}
     for key in full:
         fam, c = _family(key)
         i1, i2, i21 = samples[fam]

@@ -35,6 +35,7 @@ from ..arch import ArchError, Block, Linear, ModelArch, Norm
 from ..training import Training
 from . import HarnessError
 from . import trace as T
+from torch.utils._pytree import tree_leaves
 
 TRACE_DEPTH = 4  # layers 0 (first), 1 and 2 (middle), 3 (last): engine/derived.py's templates
 CHECK_DEPTH = 5  # the expansion of the depth-4 schedule must reproduce this trace exactly
@@ -295,7 +296,7 @@ class _TaggingTracker(T.MemoryTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         # outside any layer's module or autograd node, an op belongs to the layer of the tensors it reads
         # (optimizer states from their parameter); foreach ops are not split per tensor: one layer or none
-        tags = {self.owner.get(id(self.rec_of(t))) for t in T.tree_leaves((args, kwargs or {}))
+        tags = {self.owner.get(id(self.rec_of(t))) for t in tree_leaves((args, kwargs or {}))
                 if isinstance(t, torch.Tensor)}
         tags.discard(None)
         self.op_tag = tags.pop() if len(tags) == 1 else None
@@ -309,7 +310,7 @@ def _stamp(tensors, tag: int | None, ckpt: int | None = None) -> None:
     """Write `tag` into the metadata of every autograd node reachable from `tensors` not stamped yet; a
     reentrant checkpoint's node (made after its layer's hooks ran, under no_grad) gets `ckpt`, the layer that
     ran last."""
-    stack = [t.grad_fn for t in T.tree_leaves(tensors) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    stack = [t.grad_fn for t in tree_leaves(tensors) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or _KEY in node.metadata:
@@ -441,17 +442,17 @@ def versions() -> dict[str, str]:
 
 
 def cache_key(arch: ModelArch, method: str, options: Mapping[str, Any], training: Training) -> str:
-    from ..planner.cache import _code_fingerprint
+    from ..cachedir import code_fingerprint
 
     blob = json.dumps({"config": arch.config, "versions": versions(), "method": method, "options": dict(options),
-                       "training": asdict(training), "code": _code_fingerprint()}, sort_keys=True, default=str)
+                       "training": asdict(training), "code": code_fingerprint()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _cache_file(key: str):  # type: ignore[no-untyped-def]
-    from ..planner.cache import _cache_dir
+    from ..cachedir import cache_dir
 
-    where = _cache_dir()
+    where = cache_dir()
     return None if where is None else where / "derived" / f"{key[:32]}.json"
 
 

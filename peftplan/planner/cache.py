@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 from typing import Any
 
@@ -17,31 +16,19 @@ from .replay import _DIGIT, _NPOLY, _Structure
 # PEFTPLAN_CACHE_DIR moves it (default $XDG_CACHE_HOME/peftplan or ~/.cache/peftplan).
 
 def _cache_dir():  # type: ignore[no-untyped-def]
-    import os
-    from pathlib import Path
+    from ..cachedir import cache_dir
 
-    if os.environ.get("PEFTPLAN_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
-    where = os.environ.get("PEFTPLAN_CACHE_DIR")
-    if where:
-        return Path(where)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "peftplan"
+    return cache_dir()
 
 
 @lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
-    """sha256 over every .py and .json file of the installed peftplan package (and the Python version)."""
+    """The package's code fingerprint (cachedir.py) salted with the replay's polynomial constants."""
     import hashlib
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent  # the peftplan package
-    h = hashlib.sha256(f"{sys.version_info[:3]} {sys.byteorder} {_DIGIT} {_NPOLY}".encode())
-    for f in sorted(root.rglob("*")):
-        if f.suffix in (".py", ".json") and f.is_file() and "__pycache__" not in f.parts:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
+    from ..cachedir import code_fingerprint
+
+    return hashlib.sha256(f"{code_fingerprint()} {_DIGIT} {_NPOLY}".encode()).hexdigest()
 
 
 def _disk_path(arch: ModelArch, key: tuple[Any, ...]):  # type: ignore[no-untyped-def]
