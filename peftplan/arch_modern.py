@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .arch import ArchError, Block, Linear, ModelArch, Norm, _Fields
+from .arch_types import ArchError, Block, Linear, ModelArch, Norm, _Fields
 
 
 def _dims(name: str, cfg: Mapping[str, Any]) -> tuple[_Fields, int, int, int, int, int, int, int]:

@@ -15,46 +15,10 @@ the engine follows (methods treat a block's `extra_params` like its norms):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .arch import ArchError, Block, ModelArch, Norm
 from .arch_modern import _dims, _model, attention_linears, gated_mlp, layer_types, window_for
-
-
-@dataclass(frozen=True)
-class MoE:
-    """A sparse MoE MLP as transformers 5.23 builds it (integrations/moe.py, models/<type>/modeling_<type>.py):
-    a router `gate.weight` (E x D, an nn.Parameter, not an nn.Linear) and fused 3-D expert parameters
-    `experts.gate_up_proj` (E x 2F x D) and `experts.down_proj` (E x D x F) (+ biases for gpt_oss);
-    each token goes to `top_k` of `num_experts` experts. The tensors are listed in the block's
-    `extra_params`; this says how the forward uses them (engine/program_moe.py)."""
-
-    kind: str  # "mixtral", "qwen3_moe": which router code
-    num_experts: int
-    top_k: int
-    hidden: int
-    ffn: int  # expert intermediate size F
-    bias: bool = False  # expert and router biases (gpt_oss)
-    norm_topk: bool = True  # renormalise the top-k probabilities (mixtral always; qwen3_moe norm_topk_prob)
-    router: str = "gate"  # the router module's name (gpt_oss: "router")
-    transposed: bool = False  # gpt_oss stores gate_up_proj as E x D x 2F and down_proj as E x F x D
-
-    @property
-    def expert_numel(self) -> int:
-        """Parameters of one expert: gate_up (2F x D) + down (D x F), with biases when present."""
-        return 3 * self.ffn * self.hidden + ((2 * self.ffn + self.hidden) if self.bias else 0)
-
-    def params(self, prefix: str = "mlp.") -> tuple[tuple[str, int], ...]:
-        """(name, numel) of the router and the fused expert tensors, in module order (gate, then experts)."""
-        E, D, F = self.num_experts, self.hidden, self.ffn
-        out = [(f"{prefix}{self.router}.weight", E * D)]
-        if self.bias:
-            out.append((f"{prefix}{self.router}.bias", E))
-        out += [(f"{prefix}experts.gate_up_proj", E * 2 * F * D), (f"{prefix}experts.down_proj", E * D * F)]
-        if self.bias:
-            out += [(f"{prefix}experts.gate_up_proj_bias", E * 2 * F), (f"{prefix}experts.down_proj_bias", E * D)]
-        return tuple(out)
+from .arch_types import ArchError, Block, ModelArch, MoE, Norm  # MoE: re-exported, it lived here
 
 
 def _experts(name: str, cfg: Mapping[str, Any], key: str) -> tuple[int, int]:
