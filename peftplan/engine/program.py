@@ -17,7 +17,7 @@ from ..dtypes import BOOL, FP32, INT64, DType
 from ..training import Training
 from ..tuned import BottleneckAdapter, TunedBlock, TunedLinear, TunedModel
 from .autograd import Param
-from . import ops
+from . import ops, unsloth_lora
 from .ops import Ctx, add, cast, count_matmul, elementwise, linear, mul, promote, scale
 from .sim import Tensor, rounded
 from .program_modern import modern_block_forward
@@ -685,10 +685,12 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
                 v = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "v_split")
             tape.record("split", [qkv], [q, k, v], [])
             tape.drop(qkv)
+        elif fused := ("unsloth_lora" in ctx.kernels and not prefix and unsloth_lora.qkv(ctx, training, x, lps)):
+            q, k, v = fused  # Unsloth's LoRA_QKV (engine/unsloth_lora.py)
         else:
             q = tuned_linear(ctx, x, lps[f"{prefix}q"])
         src = kv_src if kv_src is not None else x
-        if f"{prefix}qkv" not in lps:
+        if f"{prefix}qkv" not in lps and not fused:
             k = tuned_linear(ctx, src, lps[f"{prefix}k"])
             v = tuned_linear(ctx, src, lps[f"{prefix}v"])
         if cos is not None and not prefix:
@@ -723,13 +725,16 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
         a = _attention(ctx, arch, training, q, k, v, enc_tokens, causal,
                        masked=bool(bp.tuned.prefix_tokens) and not prefix, bias=bias, hold=held_base)
         tape.drop(q, k, v, held_base)
-        o = tuned_linear(ctx, a, lps[f"{prefix}o"])
+        o = ("unsloth_lora" in ctx.kernels and not prefix and unsloth_lora.o(ctx, training, a, lps)) \
+            or tuned_linear(ctx, a, lps[f"{prefix}o"])
         tape.drop(a)
         od = _dropout(ctx, o, drop_p)
         tape.drop(o)
         return od
 
     def mlp_part(x: Tensor) -> Tensor:
+        if "unsloth_lora" in ctx.kernels and (fused := unsloth_lora.mlp(ctx, training, x, lps)) is not None:
+            return fused  # Unsloth's LoRA_MLP (engine/unsloth_lora.py)
         if "gate_up" in lps:
             gu = tuned_linear(ctx, x, lps["gate_up"])
             gate = tape.new(gu.numel // 2, gu.dtype, gu.requires_grad, "chunk")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ..arch import ModelArch
 from ..dtypes import FP32
 from ..training import Training
+from . import unsloth_lora
 from .ops import Ctx, add, cast, elementwise, mul
 from .autograd import Param
 from .sim import Tensor
@@ -95,9 +96,8 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
     # ---- self-attention ----
     residual = h
     x = rmsnorm(ctx, h, norms["input_layernorm"], n, style) if "input_layernorm" in norms else tape.alloc.retain(h)
-    q = tuned_linear(ctx, x, lps["q"])
-    k = tuned_linear(ctx, x, lps["k"])
-    v = tuned_linear(ctx, x, lps["v"])
+    fused = "unsloth_lora" in ctx.kernels and unsloth_lora.qkv(ctx, training, x, lps)  # engine/unsloth_lora.py
+    q, k, v = fused or (tuned_linear(ctx, x, lps["q"]), tuned_linear(ctx, x, lps["k"]), tuned_linear(ctx, x, lps["v"]))
     tape.drop(x)
     if arch.qk_norm == "head":
         q, k = norm(q, "self_attn.q_norm", n * H), norm(k, "self_attn.k_norm", n * K)
@@ -127,7 +127,7 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
         masked = masked_by_prefix or sliding_masked(arch, training, block.sliding_window, kv_tokens)
         a = _attention(ctx, arch, training, q, k, v, kv_tokens, True, masked=masked)
     tape.drop(q, k, v)
-    o = tuned_linear(ctx, a, lps["o"])
+    o = ("unsloth_lora" in ctx.kernels and unsloth_lora.o(ctx, training, a, lps)) or tuned_linear(ctx, a, lps["o"])
     tape.drop(a)
     o = _with_adapters(ctx, "after-attn", o, bp)
     sandwich = "pre_feedforward_layernorm" in norms  # gemma3: norms before and after each sub-layer
@@ -145,6 +145,8 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
 
         m = moe_forward(ctx, x, block.moe, extras, bp.expert_lora,  # mixtral / qwen3_moe / gpt_oss sparse MLP
                         dict(bp.tuned.expert_lora))
+    elif "unsloth_lora" in ctx.kernels and (fused_mlp := unsloth_lora.mlp(ctx, training, x, lps)) is not None:
+        m = fused_mlp  # Unsloth's LoRA_MLP (engine/unsloth_lora.py)
     else:
         gate = tuned_linear(ctx, x, lps["gate"])
         up = tuned_linear(ctx, x, lps["up"])

@@ -17,9 +17,11 @@ forward do not run on the CPU tracer). What changes the step's memory:
   (kernels/rms_layernorm.py 952-987: saves X, W, r fp32 per row), the SwiGLU inside LoRA_MLP (kernels/fast_lora.py
   448: saves X, e, g; swiglu.py 119-135 writes h, df, de into DW, e, g), Fast_RoPE_Embedding_QK (rope_embedding.py
   423-459: out of place on the transposed q / k, dQ / dK allocated in backward).
-- Not modelled (the peft ops are; within each layer's recompute only, so they move the backward peak of one
-  layer): LoRA_MLP / LoRA_QKV / LoRA_W (fast_lora.py 346-935), which save the layer input once for all adapters of
-  a projection group and compute the adapter gradients with in-place addmm.
+- LoRA autograd Functions on those types (engine/unsloth_lora.py): LoRA_QKV / LoRA_W / LoRA_MLP (fast_lora.py
+  346-1129) save the layer input once per projection group, write dX into it, recompute the MLP hidden in
+  backward and decode a 4-bit base into one persistent scratch buffer; applied where models/llama.py 5234-5436
+  `patch_peft_model` applies them (every projection of the group adapted, no base bias, no DoRA), peft's ops
+  elsewhere (lora_dropout > 0, which Unsloth fuses with saved masks, is not modelled: peft's ops, said).
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ def assumptions(model: TunedModel, training: Any) -> list[str]:
     quantized = any(t.quant is not None for tb in model.blocks for t in tb.linears)
     out = ["Unsloth modelled from its source (unsloth / unsloth_zoo 2026.10.9), not traced: reentrant checkpointing "
            "(its own prepare_model_for_kbit_training: no fp32 upcast of the frozen embedding / head), fused chunked "
-           "cross-entropy (chunk count at its 4 GiB target cap), LoRA kernels (LoRA_MLP / LoRA_QKV / LoRA_W) not "
-           "modelled: the peft ops are (estimate high inside each layer's recompute)"]
+           "cross-entropy (chunk count at its 4 GiB target cap)"]
     if not quantized:
         out.append("FastLanguageModel.from_pretrained defaults to load_in_4bit=True (QLoRA): this estimate assumes "
                    "load_in_4bit=False; --method qlora for Unsloth's default")
@@ -61,6 +62,10 @@ def assumptions(model: TunedModel, training: Any) -> list[str]:
         out.append(f"max_seq_length < {UNSLOTH_GC_MIN_SEQ}: Unsloth uses standard (reentrant) checkpointing, no "
                    "offload (models/_utils.py 502-515)")
     out += kernel_assumptions(model.arch, training)
+    if model.arch.model_type in UNSLOTH_KERNEL_TYPES:
+        from ..engine.unsloth_lora import assumptions as lora_assumptions
+
+        out += lora_assumptions(model, training)
     if model.arch.model_type not in UNSLOTH_KERNEL_TYPES:
         out.append(f"{model.arch.model_type}: Unsloth's fast llama-family forward does not apply; its generic path "
                    "(FastModel, compiled) is modelled as the HF ops")
@@ -79,7 +84,7 @@ SPEC = register(TrainerSpec(
     ),
     method_defaults={m: {"rank": 16, "alpha": 16, "targets": "all-linear"} for m in ("lora", "dora")}
     | {"qlora": {"rank": 16, "alpha": 16, "targets": "all-linear", "kbit_prep": False}},
-    kernels=("rms_norm", "glu", "rope_copy"), kernel_types=UNSLOTH_KERNEL_TYPES,
+    kernels=("rms_norm", "glu", "rope_copy", "unsloth_lora"), kernel_types=UNSLOTH_KERNEL_TYPES,
     offload="unsloth",
     adapt=adapt, assumptions=assumptions,
 ))
