@@ -312,16 +312,16 @@ def assumptions(model: Any, training: Any) -> list[str]:
     tuned = [lin for tb in model.blocks for lin in tb.linears] if model.blocks else []
     if not any(t.lora_rank for t in tuned):
         return []
-    fused, left = [], {}
+    fused, left = [], {}  # type: ignore[var-annotated]
     for group, names in GROUPS.items():
         reasons = {group_reason(list(tb.linears), names, training) for tb in model.blocks}
         if reasons == {None}:
             fused.append({"qkv": "LoRA_QKV", "o": "LoRA_W (o)", "mlp": "LoRA_MLP"}[group])
         else:
-            left[group] = next(r for r in reasons if r is not None)
+            left.setdefault(next(r for r in reasons if r is not None), []).append(group)
     line = ("Unsloth LoRA kernels (fast_lora.py) modelled from source, not yet confirmed by a GPU record: "
-            + (", ".join(fused) + " (input saved once per group, dX written into it, MLP hidden recomputed)"
-               if fused else "none apply"))
+            + (", ".join(fused) + " (the input saved once per group and dX written into it; LoRA_MLP recomputes "
+               "its hidden in backward)" if fused else "none apply"))
     if left:
-        line += "; peft's LoRA ops on " + "; ".join(f"{g}: {r}" for g, r in left.items())
+        line += "; peft's LoRA ops on " + "; ".join(f"{', '.join(g)}: {r}" for r, g in left.items())
     return [line]
