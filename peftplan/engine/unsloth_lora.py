@@ -51,7 +51,7 @@ FUSED_SHARDS = frozenset({"none", "ddp", "zero1", "zero2"})  # whole weights in 
 _SCRATCH: "weakref.WeakKeyDictionary[Allocator, Tensor]" = weakref.WeakKeyDictionary()
 
 
-def group_reason(tuned: list, names: tuple[str, ...], training: Any) -> str | None:  # type: ignore[type-arg]
+def group_reason(tuned: list[Any], names: tuple[str, ...], training: Any) -> str | None:
     """Why Unsloth leaves this projection group (TunedLinears by role) to peft's forward, or None: fused."""
     by_role = {t.linear.role: t for t in tuned}
     lins = [by_role.get(n) for n in names]
@@ -74,7 +74,7 @@ def group_reason(tuned: list, names: tuple[str, ...], training: Any) -> str | No
     return None
 
 
-def _usable(ctx: Ctx, x: Tensor, lps: list) -> bool:  # type: ignore[type-arg]
+def _usable(ctx: Ctx, x: Tensor, lps: list[Any]) -> bool:
     tape = ctx.tape
     if tape.stop_after is not None or (tape.ckpt_group is not None and not tape.ckpt_group.reentrant):
         return False  # non-reentrant recompute: its holders expect the recorded nodes (Unsloth is reentrant)
@@ -83,7 +83,7 @@ def _usable(ctx: Ctx, x: Tensor, lps: list) -> bool:  # type: ignore[type-arg]
     return all(lp.lora_a is not None and lp.lora_b is not None for lp in lps)
 
 
-def _take(ctx: Ctx, training: Any, x: Tensor, lps: dict, group: str) -> list | None:  # type: ignore[type-arg]
+def _take(ctx: Ctx, training: Any, x: Tensor, lps: dict[str, Any], group: str) -> list[Any] | None:
     names = GROUPS[group]
     if any(n not in lps for n in names):
         return None
@@ -101,7 +101,7 @@ def _four_bit(lp: Any) -> bool:
     return lp.tuned.quant is not None and lp.tuned.quant.kind != "int8"
 
 
-def _ensure_scratch(alloc: Allocator, lps: list, cd: DType) -> None:  # type: ignore[type-arg]
+def _ensure_scratch(alloc: Allocator, lps: list[Any], cd: DType) -> None:
     """utils.py 649-657 `_scratch("weight")`: one buffer for the run, sized to the largest decoded weight (NF4 only:
     another 4-bit type goes through bnb's dequantize_4bit, a fresh tensor, 930-932). Allocated at first use."""
     nf4 = [lp.tuned.linear.weight_numel for lp in lps if _four_bit(lp) and lp.tuned.quant.kind == "nf4"]
@@ -158,12 +158,12 @@ def _matmul_lora(ctx: Ctx, x: Tensor, lp: Any, cd: DType) -> Tensor:
     return out
 
 
-def _adapter_inputs(tape: Tape, lps: list) -> list[Tensor]:  # type: ignore[type-arg]
+def _adapter_inputs(tape: Tape, lps: list[Any]) -> list[Tensor]:
     return [tape.param_tensor(p) for lp in lps for p in (lp.lora_a, lp.lora_b) if p.trainable]
 
 
-def _node(ctx: Ctx, name: str, x: Tensor, lps: list, outputs: list[Tensor], owned: list[Tensor],
-          backward: Any) -> None:  # type: ignore[type-arg]
+def _node(ctx: Ctx, name: str, x: Tensor, lps: list[Any], outputs: list[Tensor], owned: list[Tensor],
+          backward: Any) -> None:
     """Record the Function's node (saving x and the forward's own `owned` tensors) like Tape.record: none under a
     reentrant checkpoint's no_grad forward, where the Function keeps nothing."""
     tape = ctx.tape
@@ -174,12 +174,12 @@ def _node(ctx: Ctx, name: str, x: Tensor, lps: list, outputs: list[Tensor], owne
     tape.drop(*owned)
 
 
-def _casts(alloc: Allocator, lps: list, cd: DType) -> list[Tensor]:  # type: ignore[type-arg]
+def _casts(alloc: Allocator, lps: list[Any], cd: DType) -> list[Tensor]:
     """`A.to(dtype), B.to(dtype)` at the top of each backward (fast_lora.py 483-490, 886-893, 1091)."""
     return [alloc.new(p.numel, cd, "temporaries") for lp in lps for p in (lp.lora_a, lp.lora_b) if p.dtype != cd]
 
 
-def _empties(alloc: Allocator, lps: list, cd: DType) -> list[tuple[Param, Tensor]]:  # type: ignore[type-arg]
+def _empties(alloc: Allocator, lps: list[Any], cd: DType) -> list[tuple[Param, Tensor]]:
     """`torch.empty_like(A)` per adapter weight, in the cast dtype (527-532, 898-903, 1095-1096)."""
     return [(p, alloc.new(p.numel, cd, "temporaries", label="unsloth d_AB")) for lp in lps for p in
             (lp.lora_a, lp.lora_b)]
@@ -194,7 +194,7 @@ def _finish(tp: Tape, node: Node, x: Tensor, dx: Tensor | None, locals_: list[Te
         alloc.release(t)
     for p, g in grads:
         if p.trainable:
-            tp._grad_for(p.tensor)  # type: ignore[arg-type]
+            tp._grad_for(tp.param_tensor(p))
         alloc.release(g)
     if dx is not None:
         if x.requires_grad:
@@ -213,7 +213,7 @@ def _dx_into(alloc: Allocator, X: Tensor, inplace: bool) -> Tensor:
     return alloc.retain(X) if inplace else alloc.new(X.numel, X.dtype, "temporaries")
 
 
-def qkv(ctx: Ctx, training: Any, x: Tensor, lps: dict) -> tuple[Tensor, Tensor, Tensor] | None:  # type: ignore[type-arg]
+def qkv(ctx: Ctx, training: Any, x: Tensor, lps: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor] | None:
     """LoRA_QKV through apply_lora_qkv (module docstring); None: peft's ops run."""
     chosen = _take(ctx, training, x, lps, "qkv")
     if chosen is None:
@@ -241,7 +241,7 @@ def qkv(ctx: Ctx, training: Any, x: Tensor, lps: dict) -> tuple[Tensor, Tensor, 
     return outs[0], outs[1], outs[2]
 
 
-def o(ctx: Ctx, training: Any, x: Tensor, lps: dict) -> Tensor | None:  # type: ignore[type-arg]
+def o(ctx: Ctx, training: Any, x: Tensor, lps: dict[str, Any]) -> Tensor | None:
     """LoRA_W through apply_lora_o (module docstring); None: peft's ops run."""
     chosen = _take(ctx, training, x, lps, "o")
     if chosen is None:
@@ -265,7 +265,7 @@ def o(ctx: Ctx, training: Any, x: Tensor, lps: dict) -> Tensor | None:  # type: 
     return out
 
 
-def mlp(ctx: Ctx, training: Any, x: Tensor, lps: dict) -> Tensor | None:  # type: ignore[type-arg]
+def mlp(ctx: Ctx, training: Any, x: Tensor, lps: dict[str, Any]) -> Tensor | None:
     """LoRA_MLP through apply_lora_mlp_swiglu (module docstring); None: peft's ops run."""
     chosen = _take(ctx, training, x, lps, "mlp")
     if chosen is None:
@@ -312,7 +312,8 @@ def assumptions(model: Any, training: Any) -> list[str]:
     tuned = [lin for tb in model.blocks for lin in tb.linears] if model.blocks else []
     if not any(t.lora_rank for t in tuned):
         return []
-    fused, left = [], {}  # type: ignore[var-annotated]
+    fused: list[str] = []
+    left: dict[str, list[str]] = {}
     for group, names in GROUPS.items():
         reasons = {group_reason(list(tb.linears), names, training) for tb in model.blocks}
         if reasons == {None}:
