@@ -37,7 +37,10 @@ class Node:
     inputs: list[Tensor]
     outputs: list[Tensor]
     saved: list[Tensor]
-    backward_scratch: int = 0  # bytes allocated and freed inside this node's backward
+    # bytes allocated inside this node's backward and alive while its first input's gradient is written (bnb
+    # MatMul4Bit.backward: `grad_A = torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state)...)` holds the
+    # dequantized weight with grad_A, bitsandbytes/autograd/_functions.py), then freed
+    backward_scratch: int = 0
     on_backward: Callable[[], None] | None = None  # extra work (FSDP hooks)
     group: "CheckpointGroup | None" = None  # the checkpointed layer whose recompute fills `saved`
     custom: "Callable[[Tape, Node], None] | None" = None  # replaces the standard backward (reentrant ckpt)
@@ -48,7 +51,8 @@ def _nbytes(t: Tensor) -> int:
     return rounded(t.dtype.bytes_for(t.numel))
 
 
-_PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
+# (CloneBackward0 too: derivatives.yaml `clone: self: grad`; peft bnb.py Linear4bit.forward `result.clone()`)
+_PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask", "clone"})
 # Kernels the roofline (engine/roofline.py) costs from their shapes (engine/ops.py log_matmul, program.py
 # attention and 4-bit logs), and views that launch no kernel (torch.split / chunk)
 _NOT_MEMORY_BOUND = frozenset({"linear", "matmul_4bit", "matmul_qk", "matmul_pv", "sdpa", "split", "chunk"})
@@ -264,7 +268,7 @@ class Tape:
                 self.recompute(g)
             if node.on_backward is not None:
                 node.on_backward()
-            if node.backward_scratch:
+            if node.backward_scratch and not node.inputs:
                 self.alloc.spike(node.backward_scratch)
             counter = _COUNTER[0]
             if counter is not None and node.name not in _NOT_MEMORY_BOUND:
@@ -275,7 +279,7 @@ class Tape:
             passthrough = None
             if node.name in _PASSTHROUGH and len(node.outputs) == 1:
                 passthrough = self.grads.get(id(node.outputs[0]))
-            for inp in node.inputs:
+            for k, inp in enumerate(node.inputs):
                 ok = passthrough is not None and passthrough.alive and inp.numel == node.outputs[0].numel \
                     and inp.dtype == node.outputs[0].dtype
                 # PowBackward0 (derivatives.yaml `pow_backward(grad, self, exponent)` =
@@ -286,6 +290,8 @@ class Tape:
                     # a broadcast operand (IA3 vector, norm weight): mul_tensor_backward computes the full-size
                     # product `grad * other`, then sum_to_size reduces it (derivatives.yaml mul, FunctionsManual.cpp)
                     scratch = _nbytes(node.outputs[0])
+                if k == 0:
+                    scratch += node.backward_scratch
                 self._grad_for(inp, passthrough if ok else None, scratch)
             for t in node.saved:
                 self.alloc.release(t)

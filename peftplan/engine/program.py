@@ -606,6 +606,22 @@ def _gelu_new(ctx: Ctx, x: Tensor) -> Tensor:
     return out
 
 
+# transformers models/bloom/modeling_bloom.py `bloom_gelu_back` (GeLUFunction.backward), in eager Python: beside the
+# incoming gradient, `tanh_out` (a local until it returns), `0.5 * x`, `1 - tanh_out * tanh_out`, then
+# `0.1070322243 * x` and its product with x are five input-sized temporaries alive at once; the input's gradient
+# `ff * g` comes later, when at most `tanh_out` and `ff` are left (four beyond the gradient, at its peak)
+BLOOM_GELU_BACK_TEMPS = 4
+
+
+def _bloom_gelu(ctx: Ctx, x: Tensor) -> Tensor:
+    """BLOOM's GeLUFunction: saves its input; its backward (`bloom_gelu_back`) runs in x's dtype (no custom_bwd,
+    so outside autocast) and holds BLOOM_GELU_BACK_TEMPS input-sized temporaries with the input's gradient."""
+    tape = ctx.tape
+    out = tape.new(x.numel, x.dtype, x.requires_grad, "act")
+    tape.record("act", [x], [out], [x], backward_scratch=BLOOM_GELU_BACK_TEMPS * rounded(x.dtype.bytes_for(x.numel)))
+    return out
+
+
 def _adapter(ctx: Ctx, x: Tensor, spec: BottleneckAdapter, down: Param, up: Param) -> Tensor:
     """Bottleneck adapter body: up(relu(down(x))) (the caller adds the residual)."""
     tape = ctx.tape
@@ -734,6 +750,8 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             act = _gelu_new(ctx, gate)
         elif arch.activation == "relu":  # ReluBackward0 uses its result (derivatives.yaml threshold_backward)
             act = elementwise(ctx, "act", gate, save_inputs=False, save_output=True)
+        elif arch.activation == "bloom_gelu":
+            act = _bloom_gelu(ctx, gate)
         else:
             act = elementwise(ctx, "act", gate)  # silu / gelu / bloom GeLUFunction save their input
         tape.drop(gate)
