@@ -125,29 +125,12 @@ def _t(case: FuzzCase, key: str, default: Any = None) -> Any:
 # Every class names its cause and its measured size; a deviation outside these fails the fuzz test.
 KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
     KnownDeviation(
-        "qlora-trl-backward",
-        "QLoRA under TRL (bf16 adapters, no kbit prep): with the logits peak gone, the peak is an `mm` in a "
-        "layer's backward (recomputed under checkpointing), where the trace holds 10-16 MiB more temporaries than "
-        "the engine (undiagnosed; the matrix's b1 s256 entries pass)",
-        "-1.0% to -1.8% (llama3.2-1b, smollm3-3b, mistral-7b; 1-2 layers, b2 s311-412, bf16 / bf16-mixed; fuzz "
-        "seed 20261202)",
-        lambda c: c.method == "qlora" and c.training.get("trainer") == "trl",
-    ),
-    KnownDeviation(
         "adapter-adafactor-grouped",
         "bottleneck adapters under Adafactor: the engine holds each adapter projection's weight and bias as one "
         "tensor, so Adafactor's state for the weight is counted unfactored (transformers optimization.py factors "
         "every 2-D tensor)",
         "+1.1% (tinyllama-1.1b, 3 layers, b4 s13, fp16, checkpointing; fuzz seed 20261202)",
         lambda c: c.method == "adapter" and c.training.get("optimizer") == "adafactor",
-    ),
-    KnownDeviation(
-        "bloom-eager-backward",
-        "BLOOM (eager attention only, ALiBi) under checkpointing when TRL's fused loss removes the logits peak: "
-        "the traced peak moves into a layer's recomputed attention backward, whose score-sized temporaries the "
-        "engine does not all keep alive at once (undiagnosed)",
-        "-1.8% (bloomz-560m, 1 layer, b3 s313, fp32, P-tuning; fuzz seed 20261202)",
-        lambda c: c.model == "bloomz-560m" and c.training.get("trainer") == "trl" and bool(c.training.get("grad_ckpt")),
     ),
     KnownDeviation(
         "llm-int8-cpu-path",
