@@ -125,14 +125,6 @@ def _t(case: FuzzCase, key: str, default: Any = None) -> Any:
 # Every class names its cause and its measured size; a deviation outside these fails the fuzz test.
 KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
     KnownDeviation(
-        "adapter-adafactor-grouped",
-        "bottleneck adapters under Adafactor: the engine holds each adapter projection's weight and bias as one "
-        "tensor, so Adafactor's state for the weight is counted unfactored (transformers optimization.py factors "
-        "every 2-D tensor)",
-        "+1.1% (tinyllama-1.1b, 3 layers, b4 s13, fp16, checkpointing; fuzz seed 20261202)",
-        lambda c: c.method == "adapter" and c.training.get("optimizer") == "adafactor",
-    ),
-    KnownDeviation(
         "llm-int8-cpu-path",
         "QLoRA with LLM.int8 bases: the CPU trace runs bitsandbytes' MatMul8bitFp (weight dequantized, the input "
         "saved in its own dtype) where CUDA runs MatMul8bitLt (int8 matmul with outlier decomposition, whose "
