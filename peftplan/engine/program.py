@@ -112,6 +112,29 @@ def embeddings_out(ctx: Ctx, arch: ModelArch, h: Tensor, params: "ModelParams") 
     return out
 
 
+def stack_locals(ctx: Ctx, arch: ModelArch, h: Tensor, batch: int) -> list[Tensor]:
+    """Tensors the stack's forward keeps in Python locals until it returns, made before its position add;
+    `h` is `inputs_embeds` (retained: the add does not rebind it). The caller releases them when the
+    stack's forward ends.
+
+    GPT2Model.forward: `inputs_embeds`, `position_ids` (arange, 1 x T int64) and `position_embeds =
+    self.wpe(position_ids)` (1 x T x d). OPTDecoder.forward: `position_attention_mask` (torch.ones, B x T
+    fp32), `position_ids` (B x T int64), `pos_embeds` (B x T x d) and `inputs_embeds` (project_in's
+    output when the model has one). Was -1.1% on opt-350m DoRA, whose peak is in layer 0's forward
+    (fuzz seed 20261202). Other families add no position embedding here (rotary / ALiBi / none)."""
+    if arch.family not in ("gpt2", "opt") or not arch.embeddings[1:]:
+        return []
+    tape = ctx.tape
+    tokens = h.numel // arch.hidden_size  # B x T, virtual tokens included (peft cats them first)
+    rows = tokens if arch.family == "opt" else tokens // batch
+    out = [tape.alloc.new(tokens, FP32, "temporaries", label="position_attention_mask")] \
+        if arch.family == "opt" else []
+    out.append(tape.alloc.new(rows, INT64, "temporaries", label="position_ids"))
+    out.append(tape.alloc.new(rows * arch.hidden_size, h.dtype, "temporaries", label="position_embeds"))
+    out.append(tape.alloc.retain(h))
+    return out
+
+
 def stack_end(ctx: Ctx, arch: ModelArch, h: Tensor, norm: "Param") -> Tensor:
     """The last norm of a stack; T5Stack.forward follows `final_layer_norm` with `self.dropout`
     (encoder and decoder). Consumes `h`."""
