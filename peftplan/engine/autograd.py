@@ -37,7 +37,10 @@ class Node:
     inputs: list[Tensor]
     outputs: list[Tensor]
     saved: list[Tensor]
-    backward_scratch: int = 0  # bytes allocated and freed inside this node's backward
+    # bytes allocated inside this node's backward and alive while its first input's gradient is written (bnb
+    # MatMul4Bit.backward: `grad_A = torch.matmul(grad_output, F.dequantize_4bit(B, ctx.state)...)` holds the
+    # dequantized weight with grad_A, bitsandbytes/autograd/_functions.py), then freed
+    backward_scratch: int = 0
     on_backward: Callable[[], None] | None = None  # extra work (FSDP hooks)
     group: "CheckpointGroup | None" = None  # the checkpointed layer whose recompute fills `saved`
     custom: "Callable[[Tape, Node], None] | None" = None  # replaces the standard backward (reentrant ckpt)
@@ -49,7 +52,8 @@ def _nbytes(t: Tensor) -> int:
     return rounded(t.dtype.bytes_for(t.numel))
 
 
-_PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask"})
+# (CloneBackward0 too: derivatives.yaml `clone: self: grad`; peft bnb.py Linear4bit.forward `result.clone()`)
+_PASSTHROUGH = frozenset({"add", "add_scalar", "add_mask", "clone"})
 # Fused kernels whose backward writes an input's gradient into existing storage (engine/liger.py): into the output's
 # gradient (Liger RMSNorm, `in_place=True`), or into the saved input itself (Liger / Unsloth SwiGLU, GeGLU)
 _GRAD_INTO_OUTPUT_GRAD = frozenset({"liger_rms_norm"})
@@ -294,7 +298,7 @@ class Tape:
                 self.recompute(g)
             if node.on_backward is not None:
                 node.on_backward()
-            if node.backward_scratch:
+            if node.backward_scratch and not node.inputs:
                 self.alloc.spike(node.backward_scratch)
             counter = _COUNTER[0]
             if counter is not None and node.name not in _NOT_MEMORY_BOUND:
@@ -320,6 +324,8 @@ class Tape:
                     # a broadcast operand (IA3 vector, norm weight): mul_tensor_backward computes the full-size
                     # product `grad * other`, then sum_to_size reduces it (derivatives.yaml mul, FunctionsManual.cpp)
                     scratch = _nbytes(node.outputs[0])
+                if k == 0:
+                    scratch += node.backward_scratch
                 self._grad_for(inp, passthrough if ok else None, scratch)
             for t in node.saved:
                 self.alloc.release(t)

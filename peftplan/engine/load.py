@@ -165,4 +165,7 @@ def _param_shapes(params: ModelParams, arch: ModelArch | None = None) -> dict[in
             if lp.lora_a is not None and lp.lora_b is not None:
                 shapes[id(lp.lora_a)] = (lp.tuned.lora_rank, lin.in_features)
                 shapes[id(lp.lora_b)] = (lin.out_features, lp.tuned.lora_rank)
+        for spec, down, up in bp.adapters:  # each groups its projection's weight with its bias (_load)
+            shapes[id(down)] = (spec.size, spec.dim)
+            shapes[id(up)] = (spec.dim, spec.size)
     return shapes

@@ -77,6 +77,11 @@ def tensor_cost(optimizer: str, impl: str, numel: int, dtype: DType, shape2d: tu
         if shape2d is not None:
             rows, cols = shape2d
             parts = (r(rows, FP32), r(cols, FP32))  # exp_avg_sq_row, exp_avg_sq_col
+            if numel > rows * cols:
+                # a (rows, cols) weight grouped with its 1-D bias (a bottleneck adapter's projection,
+                # engine/step.py _load): Adafactor keeps the bias's second moment unfactored
+                # (transformers optimization.py Adafactor.step: `factored = len(grad_shape) >= 2`)
+                parts += (r(numel - rows * cols, FP32),)
         else:
             parts = (r(numel, FP32),)
         state = sum(parts)

@@ -112,6 +112,29 @@ def embeddings_out(ctx: Ctx, arch: ModelArch, h: Tensor, params: "ModelParams") 
     return out
 
 
+def stack_locals(ctx: Ctx, arch: ModelArch, h: Tensor, batch: int) -> list[Tensor]:
+    """Tensors the stack's forward keeps in Python locals until it returns, made before its position add;
+    `h` is `inputs_embeds` (retained: the add does not rebind it). The caller releases them when the
+    stack's forward ends.
+
+    GPT2Model.forward: `inputs_embeds`, `position_ids` (arange, 1 x T int64) and `position_embeds =
+    self.wpe(position_ids)` (1 x T x d). OPTDecoder.forward: `position_attention_mask` (torch.ones, B x T
+    fp32), `position_ids` (B x T int64), `pos_embeds` (B x T x d) and `inputs_embeds` (project_in's
+    output when the model has one). Was -1.1% on opt-350m DoRA, whose peak is in layer 0's forward
+    (fuzz seed 20261202). Other families add no position embedding here (rotary / ALiBi / none)."""
+    if arch.family not in ("gpt2", "opt") or not arch.embeddings[1:]:
+        return []
+    tape = ctx.tape
+    tokens = h.numel // arch.hidden_size  # B x T, virtual tokens included (peft cats them first)
+    rows = tokens if arch.family == "opt" else tokens // batch
+    out = [tape.alloc.new(tokens, FP32, "temporaries", label="position_attention_mask")] \
+        if arch.family == "opt" else []
+    out.append(tape.alloc.new(rows, INT64, "temporaries", label="position_ids"))
+    out.append(tape.alloc.new(rows * arch.hidden_size, h.dtype, "temporaries", label="position_embeds"))
+    out.append(tape.alloc.retain(h))
+    return out
+
+
 def stack_end(ctx: Ctx, arch: ModelArch, h: Tensor, norm: "Param") -> Tensor:
     """The last norm of a stack; T5Stack.forward follows `final_layer_norm` with `self.dropout`
     (encoder and decoder). Consumes `h`."""
@@ -517,9 +540,18 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
         dropped = _dropout(ctx, probs, attention_dropout(arch))  # saves its bool mask
         tape.drop(probs)
         probs = dropped
+        if hold is not None and groups == 1:
+            # `hold`: v is a strided view of the fused qkv output (modeling_phi3.py). Eager
+            # `torch.matmul(attn_weights, value_states)` reshapes it for bmm (aten/src/ATen/native/LinearAlgebra.cpp
+            # `_matmul_impl`: expand + reshape of a non-contiguous view, a copy), and bmm saves that copy, not the
+            # view: qkv is not held (was +1.1..+1.6% on phi3-mini prompt tuning, eager, 3 layers; fuzz seed 20261202)
+            vcopy = tape.new(vc.numel, dt, vc.requires_grad, "matmul_value_copy")
+            tape.record("clone", [vr], [vcopy], [])
+            tape.drop(vr)
+            vr = vcopy
         out = tape.new(qc.numel, dt, rg or vr.requires_grad, "attn_out")
-        tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None,
-                                                    hold if probs.requires_grad else None])
+        # (eager: a repeat_kv or matmul copy of the value is saved, never the qkv view `hold` stands for)
+        tape.record("matmul_pv", [probs, vr], [out], [vr if probs.requires_grad else None, probs if vr.requires_grad else None])
         tape.drop(probs, kr, vr, qc, kc, vc)
         return out
     mask = None
@@ -614,6 +646,22 @@ def _gelu_new(ctx: Ctx, x: Tensor) -> Tensor:
     tape.drop(t)
     out = mul(ctx, half, u)
     tape.drop(half, u)
+    return out
+
+
+# transformers models/bloom/modeling_bloom.py `bloom_gelu_back` (GeLUFunction.backward), in eager Python: beside the
+# incoming gradient, `tanh_out` (a local until it returns), `0.5 * x`, `1 - tanh_out * tanh_out`, then
+# `0.1070322243 * x` and its product with x are five input-sized temporaries alive at once; the input's gradient
+# `ff * g` comes later, when at most `tanh_out` and `ff` are left (four beyond the gradient, at its peak)
+BLOOM_GELU_BACK_TEMPS = 4
+
+
+def _bloom_gelu(ctx: Ctx, x: Tensor) -> Tensor:
+    """BLOOM's GeLUFunction: saves its input; its backward (`bloom_gelu_back`) runs in x's dtype (no custom_bwd,
+    so outside autocast) and holds BLOOM_GELU_BACK_TEMPS input-sized temporaries with the input's gradient."""
+    tape = ctx.tape
+    out = tape.new(x.numel, x.dtype, x.requires_grad, "act")
+    tape.record("act", [x], [out], [x], backward_scratch=BLOOM_GELU_BACK_TEMPS * rounded(x.dtype.bytes_for(x.numel)))
     return out
 
 
@@ -755,6 +803,8 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             act = _gelu_new(ctx, gate)
         elif arch.activation == "relu":  # ReluBackward0 uses its result (derivatives.yaml threshold_backward)
             act = elementwise(ctx, "act", gate, save_inputs=False, save_output=True)
+        elif arch.activation == "bloom_gelu":
+            act = _bloom_gelu(ctx, gate)
         else:
             act = elementwise(ctx, "act", gate)  # silu / gelu / bloom GeLUFunction save their input
         tape.drop(gate)

@@ -27,7 +27,7 @@ from . import ops
 from .ops import Ctx, linear
 from .optimizers import OptimizerCost, sequential_step_scratch, tensor_cost
 from .program import (BlockParams, ModelParams, block_forward, embeddings_out, head_transform,
-                      loss_forward, stack_end, virtual_prompt)
+                      loss_forward, stack_end, stack_locals, virtual_prompt)
 from .sim import Allocator, Peak, Tensor
 from . import sharding
 from .load import _all_params, _block_of_params, _load, _param_shapes
@@ -97,6 +97,7 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
         proj = linear(ctx, h, params.head_linears[-1], None, arch.hidden_size)  # OPT project_in
         tape.drop(h)
         h = proj
+    held_locals = stack_locals(ctx, arch, h, B)  # GPT-2 / OPT: inputs_embeds, position ids and embeddings
     for p in params.other_embeddings:
         h2 = tape.new(h.numel, h.dtype, h.requires_grad or p.trainable, "add_pos")
         tape.record("add", [h, tape.param_tensor(p)], [h2], [])
@@ -118,10 +119,11 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     layer_masks = _layer_masks(alloc, arch, training, B, T, h.dtype,
                                params.blocks[0].tuned.prefix_tokens if params.blocks else 0)  # program_modern families' sliding masks
     eager_mask = None
-    if arch.family == "llama" and training.attention == "eager" and not layer_masks:
+    if arch.family in ("llama", "gpt2", "opt") and training.attention == "eager" and not layer_masks:
         # transformers 5.23 masking_utils.py `create_causal_mask` -> `eager_mask`: one B x 1 x T x S
         # additive float mask in the embeddings' dtype (torch.where(mask, 0, min_dtype)), built once per
-        # forward and passed to every layer. Checkpointing keeps it alive into backward: the decoder
+        # forward and passed to every layer (llama-like, GPT2Model and OPTDecoder: seen in the CPU trace,
+        # fuzz seed 20261202). Checkpointing keeps it alive into backward: the decoder
         # layer's kwargs are bound in `partial(super().__call__, **kwargs)` (modeling_layers.py
         # GradientCheckpointingLayer), held by the checkpoint frame / CheckpointFunction.
         S = T + (params.blocks[0].tuned.prefix_tokens if params.blocks else 0)
@@ -157,6 +159,8 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     tape.block = None
     alloc.mark("fwd_end")
     alloc.release(eager_mask)  # LlamaModel.forward returns: its reference dies
+    for t in held_locals:
+        alloc.release(t)
     for t in layer_masks.values():
         alloc.release(t)
     h = head_transform(ctx, arch, h, params)  # final norm (+ t5 dropout, bert/roberta dense+gelu+LN)
