@@ -13,60 +13,11 @@ sliding layer gets a materialised mask once kv_length >= sliding_window), integr
 from __future__ import annotations
 
 from ..arch import ModelArch
-from ..dtypes import FP32
 from ..training import Training
 from . import unsloth_lora
-from .ops import Ctx, add, cast, elementwise, mul
-from .autograd import Param
+from .ops import Ctx, add, elementwise, mul
 from .sim import Tensor
-
-
-def rmsnorm(ctx: Ctx, h: Tensor, w: Param, rows: int, style: str) -> Tensor:
-    """An RMSNorm over `rows` rows of h (h.numel // rows wide). Styles:
-
-    "llama" (LlamaRMSNorm, Qwen3RMSNorm): `weight * x32.mul(rsqrt(...)).to(input_dtype)`;
-    "gemma" (Gemma3RMSNorm): `(x32 * rsqrt(...) * (1 + weight.float())).type_as(x)`;
-    "olmo2" (Olmo2RMSNorm): `(weight * (x32 * rsqrt(...))).to(input_dtype)`.
-    pow saves its fp32 input, rsqrt its output, mul each operand for the other's gradient.
-    """
-    if "rms_norm" in ctx.kernels:  # a trainer's fused kernel (engine/liger.py)
-        from .liger import rms_norm
-        return rms_norm(ctx, h, w, rows, in_place=style != "gemma")
-    tape = ctx.tape
-    h32 = cast(ctx, h, FP32)
-    sq = tape.new(h32.numel, FP32, h32.requires_grad, "pow")
-    tape.record("pow", [h32], [sq], [h32])
-    var = tape.new(rows, FP32, h32.requires_grad, "mean")
-    tape.record("mean", [sq], [var], [])
-    tape.drop(sq)
-    r = tape.new(rows, FP32, h32.requires_grad, "rsqrt")
-    tape.record("rsqrt", [var], [r], [r])
-    tape.drop(var)
-    y = mul(ctx, h32, r)
-    tape.drop(h32, r)
-    wt = tape.param_tensor(w)
-    if style == "llama":
-        y2 = cast(ctx, y, h.dtype)
-        tape.drop(y)
-        out = elementwise(ctx, "mul", wt, y2, numel=y2.numel,
-                          out_dtype=w.dtype if w.dtype.bits > y2.dtype.bits else y2.dtype)
-        tape.drop(y2)
-        return out
-    if style == "gemma":
-        one_plus = elementwise(ctx, "add_scalar", wt, save_inputs=False, out_dtype=FP32)
-        out32 = mul(ctx, y, one_plus)
-        tape.drop(one_plus)
-    else:  # olmo2: weight (any dtype) * fp32 -> fp32
-        out32 = elementwise(ctx, "mul", wt, y, numel=y.numel, out_dtype=FP32)
-    tape.drop(y)
-    out = cast(ctx, out32, h.dtype)
-    tape.drop(out32)
-    return out
-
-
-def norm_style(arch: ModelArch) -> str:
-    # GptOssRMSNorm is OLMo 2's `(weight * x).to(input_dtype)`
-    return {"gemma3": "gemma", "olmo2": "olmo2", "gpt_oss": "olmo2"}.get(arch.family, "llama")
+from .norms import norm_style, rmsnorm  # noqa: F401  (re-exported)
 
 
 def sliding_masked(arch: ModelArch, training: Training, window: int | None, kv_tokens: int) -> bool:
@@ -78,7 +29,9 @@ def sliding_masked(arch: ModelArch, training: Training, window: int | None, kv_t
 def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp, cos: Tensor | None,
                          kv_tokens: int) -> Tensor:  # type: ignore[no-untyped-def]
     """One decoder layer of a qwen3 / gemma3_text / olmo2 / smollm3 model. Consumes `h`."""
-    from .program import _attention, _rope, _with_adapters, tuned_linear
+    from .attention import _attention, _rope
+    from .peft_linear import tuned_linear
+    from .program import _with_adapters
 
     tape = ctx.tape
     block = bp.tuned.block
