@@ -103,8 +103,6 @@ class TunedBlock:
     def expert_lora_numel(self) -> int:
         """peft ParamWrapper.update_layer: lora_A (r*E x in), lora_B (out x r*E) per wrapped parameter
         (E = 1 for the 2-D router weight)."""
-        from .methods.moe_lora import wrapped_shape
-
         total = 0
         for name, rank in self.expert_lora:
             experts, in_f, out_f = wrapped_shape(self.block, name)
@@ -155,3 +153,17 @@ class TunedModel:
     reentrant_ckpt: bool = False
     input_requires_grad: bool = False  # enable_input_require_grads(): embedding output requires grad
     notes: tuple[str, ...] = field(default=())
+
+
+def wrapped_shape(block: Block, name: str) -> tuple[int, int, int]:
+    """(experts, in_features, out_features) of a peft ParamWrapper (methods/moe_lora.py) on the block's MoE
+    parameter `name`."""
+    moe = block.moe
+    assert moe is not None
+    if name == "gate.weight":
+        return 1, moe.hidden, moe.num_experts  # nn.Linear-like (E x D): in D, out E
+    if name == "experts.gate_up_proj":
+        return moe.num_experts, moe.hidden, 2 * moe.ffn  # (E, 2F, D): swapped to in D, out 2F
+    if name == "experts.down_proj":
+        return moe.num_experts, moe.ffn, moe.hidden
+    raise ValueError(f"no LoRA wrapper shape for MoE parameter {name!r}")

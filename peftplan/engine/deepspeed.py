@@ -63,7 +63,7 @@ def stage(training: Training) -> int:
 
 
 def _defaults() -> dict[str, Any]:
-    from .sharding import interconnect
+    from .shard_common import interconnect
 
     return {k: int(v["value"]) for k, v in interconnect()["deepspeed_defaults"].items()}
 
@@ -163,7 +163,7 @@ class ZeroHooks:
     interface): stage 3 gathers, gradients dropped after reduction, stage 1/2's backward buffers."""
 
     def __init__(self, plan: "ShardPlan", params) -> None:  # type: ignore[no-untyped-def]
-        from .sharding import _block_params
+        from .shard_common import _block_params
 
         self.plan = plan
         head = params.head if params.head is not None else params.embedding
@@ -306,7 +306,7 @@ class ZeroHooks:
         self._gather(alloc, -1, self.first, self.fwd_pos[-1])
 
     def block_start(self, alloc: Allocator, tape: Tape, i: int) -> None:
-        from .sharding import marker
+        from .shard_common import marker
 
         if i == 0:
             self._release(alloc, -1, self.fwd_pos[-1])
@@ -314,7 +314,7 @@ class ZeroHooks:
         marker(tape, lambda: self._post_backward(alloc, i))
 
     def block_end(self, alloc: Allocator, tape: Tape, i: int) -> None:
-        from .sharding import marker
+        from .shard_common import marker
 
         self._release(alloc, i, self.fwd_pos[i])
         if i == len(self.blocks) - 1:

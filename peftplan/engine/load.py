@@ -86,7 +86,7 @@ def _load(alloc: Allocator, model: TunedModel) -> tuple[ModelParams, list[Param]
         extras = [param(numel, tb.norm_dtype, tb.norms_trainable) for _, numel in tb.block.extra_params]
         expert_lora: dict[str, tuple[Param, Param]] = {}
         for pname, rank in tb.expert_lora:  # peft ParamWrapper on MoE parameters (methods/moe_lora.py)
-            from ..methods.moe_lora import wrapped_shape
+            from ..tuned import wrapped_shape
 
             experts, in_f, out_f = wrapped_shape(tb.block, pname)
             dt = tb.expert_lora_dtype or FP32

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..arch import ModelArch
 from ..dtypes import FP32, INT64
 from ..training import Training
-from ..tuned import BottleneckAdapter, TunedModel
+from ..tuned import TunedModel
 from .autograd import Param
 from . import ops, unsloth_lora
 from .ops import Ctx, add, cast, elementwise, linear, mul
@@ -29,6 +29,7 @@ from .peft_linear import (BNB_4BIT_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_M, _dora,
                           _lora, _lora_bnb_autocast, _quantized_base, tuned_linear)
 from .norms import _layernorm, _norm, _rmsnorm, _t5_layernorm  # noqa: F401
 from .attention import _attention, _rope, _softcap  # noqa: F401
+from .adapters import _adapter, _with_adapters  # noqa: F401  (_adapter re-exported)
 
 
 MODERN_TYPES = frozenset(_MODERN_BUILDERS) | frozenset(_MOE_BUILDERS)
@@ -144,32 +145,6 @@ def _bloom_gelu(ctx: Ctx, x: Tensor) -> Tensor:
     out = tape.new(x.numel, x.dtype, x.requires_grad, "act")
     tape.record("act", [x], [out], [x], backward_scratch=BLOOM_GELU_BACK_TEMPS * rounded(x.dtype.bytes_for(x.numel)))
     return out
-
-
-def _adapter(ctx: Ctx, x: Tensor, spec: BottleneckAdapter, down: Param, up: Param) -> Tensor:
-    """Bottleneck adapter body: up(relu(down(x))) (the caller adds the residual)."""
-    tape = ctx.tape
-    xa = cast(ctx, x, spec.dtype) if ctx.autocast is None else tape.alloc.retain(x)
-    d = linear(ctx, xa, down, None, spec.size)
-    tape.drop(xa)
-    r = tape.new(d.numel, d.dtype, d.requires_grad, "relu")
-    tape.record("relu", [d], [r], [r])
-    tape.drop(d)
-    u = linear(ctx, r, up, None, spec.dim)
-    tape.drop(r)
-    out = cast(ctx, u, x.dtype)
-    tape.drop(u)
-    return out
-
-
-def _with_adapters(ctx: Ctx, placement: str, h: Tensor, bp: BlockParams) -> Tensor:
-    for spec, down, up in bp.adapters:
-        if spec.placement == placement:
-            a = _adapter(ctx, h, spec, down, up)
-            out = add(ctx, h, a)
-            ctx.tape.drop(a, h)
-            h = out
-    return h
 
 
 def block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp: BlockParams,

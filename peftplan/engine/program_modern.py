@@ -31,7 +31,7 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
     """One decoder layer of a qwen3 / gemma3_text / olmo2 / smollm3 model. Consumes `h`."""
     from .attention import _attention, _rope
     from .peft_linear import tuned_linear
-    from .program import _with_adapters
+    from .adapters import _with_adapters
 
     tape = ctx.tape
     block = bp.tuned.block
@@ -115,7 +115,7 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
         m = tuned_linear(ctx, prod, lps["down"])
         tape.drop(prod)
     for spec, down, upw in [s for s in bp.adapters if s[0].placement == "parallel-mlp"]:
-        from .program import _adapter
+        from .adapters import _adapter
 
         pa = _adapter(ctx, x, spec, down, upw)
         m2 = add(ctx, m, pa)

@@ -25,27 +25,19 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from ..dtypes import FP32, DType
 from ..training import Training, TrainingError
 from . import deepspeed as zero
-from .autograd import Node, Param, Tape
+from .autograd import Param, Tape
 from .deepspeed import zero_view  # noqa: F401  (engine/step.py: the step DeepSpeed runs)
 from .sim import Allocator, Tensor, rounded
+from .shard_common import _block_params, interconnect, marker  # noqa: F401  (re-exported)
 
 FSDP = ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid")
 EXTRA_CATEGORIES = ("unsharded_params", "comm_buffers")
-
-
-@lru_cache(maxsize=1)
-def interconnect() -> dict[str, Any]:
-    text = (resources.files("peftplan") / "data" / "interconnect.json").read_text(encoding="utf-8")
-    return json.loads(text)
 
 
 def check(training: Training) -> None:
@@ -303,22 +295,6 @@ def step_scratch(alloc: Allocator, trainables: list[Param]) -> int:
     """Transient bytes of the sharded optimizer step beyond the optimizer's own (ZeRO: engine/deepspeed.py)."""
     plan = getattr(alloc, "plan", None)
     return zero.step_scratch(plan, trainables) if plan is not None and plan.stage else 0
-
-
-def marker(tape: Tape, on_backward) -> None:  # type: ignore[no-untyped-def]
-    """A tape node that does nothing but run `on_backward` when backward reaches it."""
-    tape.nodes.append(Node("fsdp", [], [], [], on_backward=on_backward))
-
-
-def _block_params(bp) -> list[Param]:  # type: ignore[no-untyped-def]
-    out: list[Param] = []
-    for lp in bp.linears:
-        out += [p for p in (lp.weight, lp.bias, lp.lora_a, lp.lora_b, lp.magnitude, lp.ia3) if p is not None]
-    out += bp.norms + bp.extras  # extras: MoE router and fused experts (arch_moe.py)
-    out += [p for ab in bp.expert_lora.values() for p in ab]
-    for _, d, u in bp.adapters:
-        out += [d, u]
-    return out
 
 
 class FSDPHooks:

@@ -25,7 +25,8 @@ parameter's dtype, every forward.
 
 from __future__ import annotations
 
-from ..arch import Block, ModelArch
+from ..arch import ModelArch
+from ..tuned import wrapped_shape  # noqa: F401  (re-exported)
 from .base import MethodError
 
 # peft utils/transformers_weight_conversion.py _MOE_TARGET_MODULE_MAPPING (v4 name -> v5 parameter) and
@@ -39,19 +40,6 @@ TARGET_MAPPING = {
                   "down_proj": "experts.down_proj"},
 }
 FUSED = {"mixtral": ("w1", "w3"), "qwen2_moe": ("gate_proj", "up_proj")}  # _MOE_FUSED_TARGETS
-
-
-def wrapped_shape(block: Block, name: str) -> tuple[int, int, int]:
-    """(experts, in_features, out_features) of a ParamWrapper on the block's MoE parameter `name`."""
-    moe = block.moe
-    assert moe is not None
-    if name == "gate.weight":
-        return 1, moe.hidden, moe.num_experts  # nn.Linear-like (E x D): in D, out E
-    if name == "experts.gate_up_proj":
-        return moe.num_experts, moe.hidden, 2 * moe.ffn  # (E, 2F, D): swapped to in D, out 2F
-    if name == "experts.down_proj":
-        return moe.num_experts, moe.ffn, moe.hidden
-    raise MethodError(f"no LoRA wrapper shape for MoE parameter {name!r}")
 
 
 def moe_v4_names(arch: ModelArch, raw_targets: str | None) -> tuple[tuple[str, ...], str | None]:

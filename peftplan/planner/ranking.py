@@ -11,21 +11,14 @@ marked as ties: the order among them is not a claim the models can support.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from fractions import Fraction
 from functools import lru_cache
-from importlib import resources
 from typing import Any, Sequence
 
 from ..engine.roofline import constants as roofline_constants
+from .quality import quality_prior, quality_source_for
 from .space import _OPTIMIZER_PREFERENCE, LORA_LIKE, PlanRow, Variant
-
-
-@lru_cache(maxsize=1)
-def quality_prior() -> dict[str, Any]:
-    """data/quality_prior.json (every value with its source)."""
-    return json.loads((resources.files("peftplan") / "data" / "quality_prior.json").read_text(encoding="utf-8"))
 
 
 def quality_tolerance() -> float:
@@ -50,14 +43,7 @@ def quality_of(variant: Variant) -> float | None:
 
 
 def quality_source(variant: Variant) -> str:
-    prior = quality_prior()
-    fam = prior["families"].get(variant.method)
-    if fam is None:
-        return "no prior for this method"
-    text = fam["source"]
-    if variant.method in LORA_LIKE and variant.targets != "default":
-        text += "; targets: " + prior["targets"][variant.targets]["source"]
-    return text
+    return quality_source_for(variant.method, variant.targets, variant.method in LORA_LIKE)
 
 
 def _fast_key(row: PlanRow) -> tuple[Any, ...]:

@@ -309,6 +309,13 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
                           train_cost_usd=row.train_cost_usd)
         else:
             est = None
+        if (not row.fits or row.headroom_bytes < 0) and est is not None:
+            # a fast row's micro-batch was searched on the lower bound: the largest one that fits exactly
+            # may be a little smaller (at most a few steps: reserved exceeds allocated by a few percent)
+            smaller = _largest_exact_below(ev, gpu, row, taken={r.config for r in fitting})
+            if smaller is not None:
+                missed.append(row)
+                row, est = smaller
         if not row.fits or row.headroom_bytes < 0:
             # not fitting, or fitting only because the caching allocator flushes its cache and retries
             # (fit.py: every flush synchronizes the step): not a configuration to recommend
@@ -324,3 +331,23 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
                    for r in closest[:EXACT_ROWS]] + closest[EXACT_ROWS:]
     closest = sorted(missed + closest, key=lambda r: (r.device_total_bytes, r.config.label))
     return rank_rows(out, objective), closest, first
+
+
+def _largest_exact_below(ev: Evaluator, gpu: GPU, row: PlanRow, taken: set[PlanConfig], tries: int = 4
+                         ) -> tuple[PlanRow, Estimate] | None:
+    """The largest micro-batch below `row`'s that fits by estimate()'s own verdict (with headroom), within
+    `tries` steps and not already a row: the fast search's lower bound can overshoot by a step or two."""
+    mb = row.config.micro_batch
+    for smaller in range(mb - 1, max(mb - 1 - tries, 0), -1):
+        cfg = replace(row.config, micro_batch=smaller)
+        if cfg in taken:
+            return None
+        try:
+            est = ev.estimate(cfg, gpu)
+        except MethodError:
+            return None
+        candidate = replace(row_from_estimate(cfg, est), train_time_s=row.train_time_s,
+                            train_cost_usd=row.train_cost_usd)
+        if candidate.fits and candidate.headroom_bytes >= 0:
+            return candidate, est
+    return None

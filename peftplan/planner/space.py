@@ -174,9 +174,9 @@ class PlanRow:
 
 
 def _quality_source(variant: Variant) -> str:
-    from .ranking import quality_source  # ranking imports this module
+    from .quality import quality_source_for
 
-    return quality_source(variant)
+    return quality_source_for(variant.method, variant.targets, variant.method in LORA_LIKE)
 
 
 @dataclass(frozen=True)
