@@ -166,10 +166,16 @@ def run_case(case: FuzzCase, *, trace_fn: Callable[..., Any] | None = None) -> F
     if trace_fn is None:
         from .trace import trace as trace_fn  # type: ignore[no-redef]
     engine_bytes = engine_refusal = None
+    traced_options = dict(case.options)
     try:
         arch = case.arch()
         training = case.to_training()
-        engine_bytes = estimate(arch, case.method, training, GPU, dict(case.options)).memory.peak_allocated_bytes
+        est = estimate(arch, case.method, training, GPU, dict(case.options))
+        engine_bytes = est.memory.peak_allocated_bytes
+        if "targets" not in traced_options and est.options.get("targets") is not None:
+            # the engine chose the targets (peft has no default for this model_type: estimate.py build_tuned
+            # says so in its assumptions): trace the configuration it estimated, as `estimate --trace` does
+            traced_options["targets"] = est.options["targets"]
     except ValueError as exc:  # ArchError, TrainingError, MethodError: the engine's one-line refusals
         engine_refusal = str(exc)
     trace_bytes = trace_refusal = trace_error = None
@@ -178,7 +184,7 @@ def run_case(case: FuzzCase, *, trace_fn: Callable[..., Any] | None = None) -> F
         training = case.to_training()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            res = trace_fn(arch, case.method, dict(case.options), training, flops=False)  # type: ignore[misc]
+            res = trace_fn(arch, case.method, traced_options, training, flops=False)  # type: ignore[misc]
         trace_bytes = res.peak_allocated_bytes
     except (HarnessError, ValueError, TypeError, NotImplementedError) as exc:
         # the real stack (transformers / peft / the harness's NotTraceable) refuses the configuration
