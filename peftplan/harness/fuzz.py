@@ -134,6 +134,18 @@ KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
         lambda c: c.method == "qlora" and c.options.get("quant") == "int8",
     ),
     KnownDeviation(
+        "ia3-modern-mlp-backward",
+        "IA3 (all-linear, which the engine picks when peft has no IA3 default for the model_type) on the 2025 "
+        "families' program (SmolLM3, Qwen3: engine/program_modern.py): the trace's peak is in the MLP's backward, "
+        "where the fp16 gradients of the (B, T, intermediate) activations meet the fp32 IA3 vectors (a 37.6 MB "
+        "`_to_copy` to fp32 and two fp32 `mul`s alive at once on smollm3 b2 s427) and the engine keeps fewer; "
+        "under the hf trainer the logits peak hides it, llama-family models with the same targets are exact; "
+        "undiagnosed (found 2026-12-02 after the all-linear fallback made these cases comparable)",
+        "-1.0% to -2.1% (smollm3-3b 1 layer b1-2 s427 fp16 TRL checkpointing, qwen3-0.6b 3 layers; fuzz seed "
+        "20261202), -3.9% on the same smollm3 case without checkpointing",
+        lambda c: c.method == "ia3" and c.model in ("smollm3-3b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"),
+    ),
+    KnownDeviation(
         "gpt2-family-dropout",
         "GPT-2 with dropout in the embedding, attention and residual paths: the engine keeps fewer tensors than "
         "the trace around the embedding dropout and the checkpointed layers' inputs (undiagnosed). Under TRL "
