@@ -106,7 +106,8 @@ def test_peak_is_non_decreasing_in_rank_and_targets(cfg, factor):
     base = _peak_or_none(model, method, training, options)
     assume(base is not None)
     higher = _peak_or_none(model, method, training, {**options, "rank": options["rank"] * factor})
-    assert higher is not None and higher >= base
+    assume(higher is not None)  # a rank above a target's width is refused (methods/lora.py validate_lora)
+    assert higher >= base
     if options.get("targets") is None:  # peft's default targets are a subset of all-linear
         wider = _peak_or_none(model, method, training, {**options, "targets": "all-linear"})
         assert wider is not None and wider >= base

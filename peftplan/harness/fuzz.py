@@ -146,6 +146,16 @@ KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
         lambda c: c.method == "ia3" and c.model in ("smollm3-3b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"),
     ),
     KnownDeviation(
+        "lora-fp32-adapter-recompute",
+        "LoRA in pure half precision under TRL with checkpointing: the adapter stays fp32 (peft autocast_adapter_dtype), "
+        "so the checkpoint recompute of a wide target (up_proj) holds lora_B's fp32 output and its scaled fp32 copy "
+        "(2 x 14.4 MB at T=440, I=8192) where the trace's peak sits; the engine's peak there is one bf16 (T x I) "
+        "tensor (7.2 MB) lower; undiagnosed beyond that",
+        "-1.002% (llama3.2-1b, 1 layer, r=1 up_proj, bf16, b1 s440; fuzz seed 2219054321, 2026-12-02)",
+        lambda c: c.method == "lora" and _t(c, "precision") in ("bf16", "fp16") and bool(_t(c, "grad_ckpt"))
+        and _t(c, "trainer") == "trl",
+    ),
+    KnownDeviation(
         "gpt2-family-dropout",
         "GPT-2 with dropout in the embedding, attention and residual paths: the engine keeps fewer tensors than "
         "the trace around the embedding dropout and the checkpointed layers' inputs (undiagnosed). Under TRL "

@@ -293,7 +293,7 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
     each method variant / checkpointing / attention / shard up to EXACT_ROWS of them; the closest misses
     when nothing fits. A fast row's device total is a lower bound, so a row can only move from fitting
     to not; the ones that do join `closest`."""
-    first: Estimate | None = None
+    estimates: dict[PlanConfig, Estimate] = {}
     out: list[PlanRow] = []
     missed: list[PlanRow] = []
     exact_keys: set[tuple[str, bool, str, str]] = set()
@@ -321,8 +321,8 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
             # (fit.py: every flush synchronizes the step): not a configuration to recommend
             missed.append(row)
             continue
-        if first is None and est is not None and not out:
-            first = est
+        if est is not None:
+            estimates[row.config] = est
         if row.path == "direct":
             exact_keys.add(key)
         out.append(row)
@@ -330,7 +330,9 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
         closest = [row_from_estimate(r.config, ev.estimate(r.config, gpu)) if r.path != "direct" else r
                    for r in closest[:EXACT_ROWS]] + closest[EXACT_ROWS:]
     closest = sorted(missed + closest, key=lambda r: (r.device_total_bytes, r.config.label))
-    return rank_rows(out, objective), closest, first
+    ranked = rank_rows(out, objective)
+    first = estimates.get(ranked[0].config) if ranked else None  # the winner's own estimate, when it has one
+    return ranked, closest, first
 
 
 def _largest_exact_below(ev: Evaluator, gpu: GPU, row: PlanRow, taken: set[PlanConfig], tries: int = 4
@@ -346,8 +348,12 @@ def _largest_exact_below(ev: Evaluator, gpu: GPU, row: PlanRow, taken: set[PlanC
             est = ev.estimate(cfg, gpu)
         except MethodError:
             return None
-        candidate = replace(row_from_estimate(cfg, est), train_time_s=row.train_time_s,
-                            train_cost_usd=row.train_cost_usd)
+        candidate = row_from_estimate(cfg, est)
+        if row.train_time_s and row.tokens_per_s and candidate.tokens_per_s:
+            # the same tokens at this configuration's speed (ranking._with_cost): time and cost scale alike
+            scale = row.tokens_per_s / candidate.tokens_per_s
+            candidate = replace(candidate, train_time_s=row.train_time_s * scale,
+                                train_cost_usd=None if row.train_cost_usd is None else row.train_cost_usd * scale)
         if candidate.fits and candidate.headroom_bytes >= 0:
             return candidate, est
     return None
