@@ -34,15 +34,7 @@ def _attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: Tens
     bmm = 2 * B * H * T * kv_tokens * hd  # one of QK^T / PV (torch.utils.flop_counter bmm_flop)
     if training.attention == "eager":
         groups = H // K
-        kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
-        vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
-        if groups > 1:
-            # repeat_kv (expand + reshape: a copy); its backward sums the copies' gradients back into k/v's.
-            # Unrecorded, the copies' gradients stayed alive to the end of backward (+2.45% on llama3.2-1b
-            # full bf16 eager + checkpointing, whose peak is there)
-            # (the recorded nodes also give the roofline its memory-bound copy kernels, forward and backward)
-            tape.record("repeat_kv", [kc], [kr], [])
-            tape.record("repeat_kv", [vc], [vr], [])
+        kr, vr = repeat_kv(ctx, kc, vc, groups)
         scores = tape.new(B * H * T * kv_tokens, dt, rg, "scores")
         tape.record("matmul_qk", [qc, kr], [scores], [kr if qc.requires_grad else None, qc if kr.requires_grad else None])
         if arch.attn_logit_softcap is not None:
@@ -162,3 +154,19 @@ def _softcap(ctx: Ctx, x: Tensor) -> Tensor:
     out = elementwise(ctx, "mul_scalar", t, save_inputs=False)
     ctx.tape.drop(t)
     return out
+
+
+def repeat_kv(ctx: Ctx, k: Tensor, v: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Eager attention's `repeat_kv` for grouped-query attention (expand + reshape: a copy of k and v, `groups`
+    times wider); the caller still holds its own k and v. Each copy is a graph node whose backward sums the
+    copies' gradients back into k's / v's: unrecorded, those gradients stayed alive to the end of backward
+    (+2.45% on llama3.2-1b full bf16 eager + checkpointing, whose peak is there); the nodes also give the
+    roofline its memory-bound copy kernels."""
+    tape = ctx.tape
+    if groups <= 1:
+        return tape.alloc.retain(k), tape.alloc.retain(v)
+    kr = tape.new(k.numel * groups, k.dtype, k.requires_grad, "repeat_kv")
+    vr = tape.new(v.numel * groups, v.dtype, v.requires_grad, "repeat_kv")
+    tape.record("repeat_kv", [k], [kr], [])
+    tape.record("repeat_kv", [v], [vr], [])
+    return kr, vr

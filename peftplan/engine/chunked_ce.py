@@ -40,10 +40,9 @@ def _chunk_rows(total: int, n: int) -> list[int]:
 
 def chunked_ce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int, virtual_tokens: int,
                num_chunks: int = AXOLOTL_DEFAULT_CHUNKS) -> Tensor:
-    from .loss_error import LossError
+    from .loss_error import require_causal_lm
 
-    if arch.task != "causal-lm":
-        raise LossError(f"axolotl's chunked cross-entropy replaces ForCausalLMLoss; {arch.name} is {arch.task}")
+    require_causal_lm(arch, "axolotl's chunked cross-entropy replaces ForCausalLMLoss")
     tape, alloc = ctx.tape, ctx.tape.alloc
     V = arch.vocab_size
     T = seq_len + virtual_tokens

@@ -50,10 +50,9 @@ def liger_chunk_rows(rows: int, hidden: int, vocab: int) -> int:
 def liger_flce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,
                virtual_tokens: int) -> Tensor:
     """Liger's fused linear cross-entropy through `LigerForCausalLMLoss` (module docstring)."""
-    from .loss_error import LossError
+    from .loss_error import require_causal_lm
 
-    if arch.task != "causal-lm":
-        raise LossError(f"Liger's fused linear cross-entropy patches causal LMs; {arch.name} is {arch.task}")
+    require_causal_lm(arch, "Liger's fused linear cross-entropy patches causal LMs")
     tape, alloc = ctx.tape, ctx.tape.alloc
     H, V = arch.head_in_features, arch.vocab_size
     T = seq_len + virtual_tokens

@@ -46,7 +46,7 @@ from ..arch import ModelArch
 from ..dtypes import BOOL, FP32, INT64
 from .autograd import Node, Param, Tape
 from .ops import COUNTER, Ctx, count_matmul
-from .loss_error import LossError  # noqa: F401  (re-exported: callers import it from here)
+from .loss_error import LossError, require_causal_lm  # noqa: F401  (LossError re-exported)
 from .program import loss_forward
 from .sim import Tensor
 
@@ -72,8 +72,7 @@ def _token_tiles(n: int) -> list[int]:
 def trl_chunked_logprob(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,
                         virtual_tokens: int) -> Tensor:
     """TRL's fused LM head and SFTTrainer's loss (module docstring), forward now, backward as one custom node."""
-    if arch.task != "causal-lm":
-        raise LossError(f"TRL's fused LM head scores next tokens of a causal LM; {arch.name} is {arch.task}")
+    require_causal_lm(arch, "TRL's fused LM head scores next tokens of a causal LM")
     tape, alloc = ctx.tape, ctx.tape.alloc
     H, V = arch.head_in_features, arch.vocab_size
     T = seq_len + virtual_tokens

@@ -19,6 +19,7 @@ from ..dtypes import INT64
 from ..training import Training
 from . import ops
 from .autograd import Param
+from .attention import repeat_kv
 from .ops import Ctx, cast, elementwise, linear, mul, promote
 from .sim import Tensor
 
@@ -69,14 +70,7 @@ def sink_attention(ctx: Ctx, arch: ModelArch, training: Training, q: Tensor, k: 
     dt = ctx.autocast or q.dtype
     qc, kc, vc = cast(ctx, q, dt), cast(ctx, k, dt), cast(ctx, v, dt)
     rg = qc.requires_grad or kc.requires_grad or vc.requires_grad
-    groups = H // K
-    kr = tape.new(kc.numel * groups, dt, kc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(kc)
-    vr = tape.new(vc.numel * groups, dt, vc.requires_grad, "repeat_kv") if groups > 1 else tape.alloc.retain(vc)
-    if groups > 1:
-        # repeat_kv (expand + reshape: a copy) is a node of the graph: its backward sums the copies'
-        # gradients into k's and v's (without it their gradients would live to the end of backward)
-        tape.record("repeat_kv", [kc], [kr], [])
-        tape.record("repeat_kv", [vc], [vr], [])
+    kr, vr = repeat_kv(ctx, kc, vc, H // K)  # attention.py: copies recorded as graph nodes
     tape.drop(kc, vc)
     n_scores = B * H * T * S
     bmm = 2 * B * H * T * S * hd

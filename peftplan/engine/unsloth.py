@@ -37,10 +37,9 @@ def unsloth_chunks(rows: int, vocab: int, target_gib: float = UNSLOTH_CE_TARGET_
 
 def unsloth_fused_ce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, seq_len: int,
                      virtual_tokens: int) -> Tensor:
-    from .loss_error import LossError
+    from .loss_error import require_causal_lm
 
-    if arch.task != "causal-lm":
-        raise LossError(f"Unsloth's fused cross-entropy scores next tokens of a causal LM; {arch.name} is {arch.task}")
+    require_causal_lm(arch, "Unsloth's fused cross-entropy scores next tokens of a causal LM")
     tape, alloc = ctx.tape, ctx.tape.alloc
     H, V = arch.head_in_features, arch.vocab_size
     BT = batch * (seq_len + virtual_tokens)
