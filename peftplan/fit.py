@@ -45,6 +45,22 @@ def replay_reserved(events: Sequence[int], training: Training, limit_bytes: int 
     return replay(events, parse_alloc_conf(training.alloc_conf), limit_bytes)
 
 
+def _peak_requested(events: Sequence[int]) -> int:
+    """The largest sum of live allocations (each rounded to 512 bytes, as round_size does) on the timeline."""
+    from .engine.allocator import K_MIN_BLOCK
+
+    sizes = [((ev + 511) & ~511 if ev >= K_MIN_BLOCK else K_MIN_BLOCK) if ev > 0 else 0 for ev in events]
+    cur = peak = 0
+    for i, ev in enumerate(events):
+        if ev > 0:
+            cur += sizes[i]
+            if cur > peak:
+                peak = cur
+        elif ev < 0:
+            cur -= sizes[~ev]
+    return peak
+
+
 @dataclass(frozen=True)
 class FitVerdict:
     fits: bool
@@ -71,7 +87,10 @@ def fit_verdict(device_total_bytes: int, capacity_bytes: int, uncertainty_bytes:
         text = f"fits with {fmt_gib(headroom)}" + (
             f": tight (less than the {fmt_gib(uncertainty_bytes)} the estimate may miss)" if tight else "")
         return FitVerdict(True, headroom, tight, 0, text)
-    if events is not None and training is not None and capacity_bytes > outside_reserved_bytes:
+    if (events is not None and training is not None and capacity_bytes > outside_reserved_bytes
+            and _peak_requested(events) <= capacity_bytes - outside_reserved_bytes):
+        # (reserved >= allocated >= requested at every moment: a timeline whose requested peak is over the
+        # limit runs out of memory whatever the cache does, so only the others are replayed again)
         limited = replay_reserved(events, training, capacity_bytes - outside_reserved_bytes)
         if not limited.out_of_memory:
             return FitVerdict(True, headroom, True, limited.alloc_retries,

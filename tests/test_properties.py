@@ -163,9 +163,15 @@ def test_sharding_never_raises_per_gpu_model_states(cfg, n_gpus, shard):
     """DeepSpeed ZeRO adds an fp32 master partition of the trainable parameters (engine/deepspeed.py) that one
     GPU does not have; with only a few thousand trainable parameters in many tensors (LoRA on bert-large) the
     engine's ZeRO optimizer state per GPU then exceeds one GPU's (found by this test: 1.57 vs 0.88 MB, ZeRO-1 x 2;
-    unverified against DeepSpeed at that size), so ZeRO is held to this property for full fine-tuning only."""
+    unverified against DeepSpeed at that size), so ZeRO is held to this property for full fine-tuning only.
+    bitsandbytes' 8-bit optimizers keep 32-bit states (8 bytes per element instead of ~2) for any tensor the
+    optimizer sees with fewer than `min_8bit_size` = 4096 elements (bitsandbytes/optim/optimizer.py line 502,
+    engine/optimizers.py BNB_MIN_8BIT_SIZE): a LoRA matrix of 4 x 1024 is 8-bit on one GPU and 32-bit as two
+    2048-element shards (found by this test: bert-large LoRA r4, fsdp-full x 2, 1.57 vs 0.88 MB), so sharding
+    with an 8-bit optimizer is left out too."""
     model, method, options, training = cfg
     assume(not shard.startswith("zero") or method == "full")
+    assume(shard == "ddp" or not training.optimizer.endswith("8bit"))
     try:
         one = _estimate(model, method, training, options)
         many = _estimate(model, method, training.with_(n_gpus=n_gpus, shard=shard), options)

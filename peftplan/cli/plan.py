@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from .common import (ALLOC_CONF_OPTION, AS_JSON_OPTION, GPU_OPTION, _fail, _guard, _ints, _output_path, _split,
-                     parse_count)
+from .common import (ALLOC_CONF_OPTION, AS_JSON_OPTION, GPU_OPTION, TRAINER_OPTION, _fail, _guard, _ints,
+                     _output_path, _split, parse_count)
 
 
 def _alloc_conf(text: str | None) -> str:
@@ -48,6 +48,7 @@ def plan(
     all_rows: bool = typer.Option(False, "--all", help="show every fitting row, not only the best per method setting"),
     as_json: bool = AS_JSON_OPTION,
     alloc_conf: Optional[str] = ALLOC_CONF_OPTION,
+    trainer: Optional[str] = TRAINER_OPTION,
 ) -> None:
     """Search methods x quantization x rank x targets x micro-batch x checkpointing x attention x optimizer: what fits, ranked by --objective."""
 
@@ -81,9 +82,12 @@ def plan(
         if gpu_memory is not None:
             g = custom_gpu(parse_bytes(gpu_memory), g)
         arch = load_model(model)
+        from ..trainers import CLI_DEFAULT_TRAINER, default_trainer_for
+
         result = run_plan(arch, g, n_gpus=n_gpus, seq_len=seq, tokens=n_tokens, price_per_hour=price,
                           methods=method_list, ranks=rank_list, micro_batches=batch_list, shard=shard,
                           alloc_conf=_alloc_conf(alloc_conf),
+                          trainer=default_trainer_for(arch, trainer) or CLI_DEFAULT_TRAINER,
                           targets=target_list, objective=objective, global_batch=global_batch)
         if html_path is not None:
             from ..planner.report import write_plan_html

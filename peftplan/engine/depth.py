@@ -146,33 +146,39 @@ class _Run:
         role = key[2]
         src = _index(role, self.p, self.m) if role is not None else None
         out: list[Any] = []
-        starts, keys = self.starts, self.keys
+        starts, ends = self.starts, self.ends
+        labels: dict[int, tuple[Any, ...]] = {}  # target segment -> the free's label without its offset
         for ev in self.events[self.starts[i]:self.ends[i]]:
             if ev >= 0:
                 out.append(ev)
                 continue
             j = bisect_right(starts, ~ev) - 1
-            while self.ends[j] <= ~ev:  # empty segments share a start
+            while ends[j] <= ~ev:  # empty segments share a start
                 j += 1
-            off = ~ev - starts[j]
-            tphase, tkind, trole, tocc = keys[j]
-            if trole is None:
-                out.append(("F", keys[j], off))
-            elif src is not None:
-                out.append(("B", tphase, tkind, _index(trole, self.p, self.m) - src, tocc, off))
-            else:
-                if trole[0] != "C":
-                    pos: tuple[Any, ...] = trole
-                elif not first_last:
-                    pos = ("X", trole[2])
-                elif trole[1] == 0:
-                    pos = ("first", trole[2])
-                elif trole[1] == self.m - 1:
-                    pos = ("last", trole[2])
-                else:
-                    raise NotPeriodic("a segment outside the blocks frees a middle copy's tensor")
-                out.append(("A", tphase, tkind, pos, tocc, off))
+            label = labels.get(j)
+            if label is None:
+                label = labels[j] = self._label(j, src, first_last)
+            out.append((*label, ~ev - starts[j]))
         return tuple(out)
+
+    def _label(self, j: int, src: int | None, first_last: bool) -> tuple[Any, ...]:
+        """How a free into segment j is written in a segment of block `src` (None: outside the blocks)."""
+        tphase, tkind, trole, tocc = self.keys[j]
+        if trole is None:
+            return ("F", self.keys[j])
+        if src is not None:
+            return ("B", tphase, tkind, _index(trole, self.p, self.m) - src, tocc)
+        if trole[0] != "C":
+            pos: tuple[Any, ...] = trole
+        elif not first_last:
+            pos = ("X", trole[2])
+        elif trole[1] == 0:
+            pos = ("first", trole[2])
+        elif trole[1] == self.m - 1:
+            pos = ("last", trole[2])
+        else:
+            raise NotPeriodic("a segment outside the blocks frees a middle copy's tensor")
+        return ("A", tphase, tkind, pos, tocc)
 
 
 def _family(key: tuple[Any, ...]) -> tuple[tuple[Any, ...], int | None]:
@@ -223,15 +229,9 @@ def _fit(v1: Any, v2: Any, k: int, v21: Any = None, c: int = 0) -> int:
     return out
 
 
-def extrapolated_step(model: TunedModel, training: Training, flop_counter: Any = None, *,
-                      simulate: Any, step_memory: Any) -> Any:
-    """engine/step.py simulate_step's StepMemory from two shallow runs, or None: not periodic.
-    `simulate`: step.py's `_simulate` (one run on a given allocator); `step_memory`: its StepMemory class
-    (passed in, so this module does not import step.py back)."""
-    from . import ops, roofline
-
-    _simulate, StepMemory = simulate, step_memory
-
+def depth_shape(model: TunedModel, training: Training) -> tuple[int, int, int] | None:
+    """(P, k, suffix) of `model` when its step can be extrapolated in depth (`decompose`), else None:
+    several GPUs, per-parameter optimizers, activation offloading, blocks that do not repeat."""
     if training.n_gpus != 1 or training.shard != "none" or training.offload != "none":
         return None
     if training.optimizer == "adafactor" or training.optimizer_impl == "for-loop":
@@ -240,19 +240,35 @@ def extrapolated_step(model: TunedModel, training: Training, flop_counter: Any =
 
     if get_trainer(training.trainer).offload_for(training.trainer_options) is not None:
         return None  # activation offloading (engine/offload.py): a pinned-slot budget, not periodic in depth
-    shape = decompose(model.blocks)
+    return decompose(model.blocks)
+
+
+def shallow_model(model: TunedModel, shape: tuple[int, int, int], m: int) -> TunedModel:
+    """`model` with its repeating unit `m + 2` times (the first and last copies and m middle ones)."""
+    p, k, s = shape
+    blocks = model.blocks[:1] + model.blocks[1:1 + p] * (m + 2) + model.blocks[1 + k * p:]
+    arch = replace(model.arch, blocks=tuple(b.block for b in blocks))
+    return replace(model, arch=arch, blocks=blocks)
+
+
+def extrapolated_step(model: TunedModel, training: Training, flop_counter: Any = None, *,
+                      simulate: Any, step_memory: Any) -> Any:
+    """engine/step.py simulate_step's StepMemory from two shallow runs, or None: not periodic.
+    `simulate`: step.py's `_simulate` (one run on a given allocator); `step_memory`: its StepMemory class
+    (passed in, so this module does not import step.py back)."""
+    from . import ops, roofline
+
+    _simulate, StepMemory = simulate, step_memory
+    shape = depth_shape(model, training)
     if shape is None:
         return None
     p, k, s = shape
     runs = []
     counters = []
     for m in (1, 2):  # middle copies: the unit 3 and 4 times
-        blocks = model.blocks[:1] + model.blocks[1:1 + p] * (m + 2) + model.blocks[1 + k * p:]
-        arch = replace(model.arch, blocks=tuple(b.block for b in blocks))
-        shallow = replace(model, arch=arch, blocks=blocks)
         alloc = MarkingAllocator(_roles(p, m, s))
         counter = ops.FlopCount() if flop_counter is not None else None
-        mem = _simulate(shallow, training, counter, alloc)
+        mem = _simulate(shallow_model(model, shape, m), training, counter, alloc)
         alloc.finish()
         runs.append((_Run(alloc, p, m), mem))
         counters.append(counter)
@@ -265,12 +281,29 @@ def extrapolated_step(model: TunedModel, training: Training, flop_counter: Any =
 def _combine(runs, counters, k, flop_counter, StepMemory, roofline):  # type: ignore[no-untyped-def]
     (r1, mem1), (r2, mem2) = runs
     full = _expand(r2, k)
+    samples, templates = periodic_samples(r1, r2)
+    peak, phase_peaks = _peaks(r1, r2, full, samples, k)
+    events = _events(full, templates, r2.p, k)
+    scalars = [_fit(a, b, k) for a, b in zip(
+        (mem1.weights_bytes, mem1.quant_constant_bytes, mem1.trainable_bytes, mem1.grad_bytes,
+         mem1.optimizer_state_bytes, mem1.paged_optimizer_bytes, mem1.host_bytes),
+        (mem2.weights_bytes, mem2.quant_constant_bytes, mem2.trainable_bytes, mem2.grad_bytes,
+         mem2.optimizer_state_bytes, mem2.paged_optimizer_bytes, mem2.host_bytes))]
+    if flop_counter is not None:
+        _flops(counters[0], counters[1], k, flop_counter, roofline)
+    return StepMemory(peak, phase_peaks, *scalars, events=events)
+
+
+def periodic_samples(r1: _Run, r2: _Run) -> tuple[dict[tuple[Any, ...], list[int]], dict[tuple[Any, ...], Any]]:
+    """Check that the one- and two-copy runs have the periodic structure the extrapolation needs
+    (NotPeriodic otherwise) and return, per segment family, its segment indices [m = 1 copy 0,
+    m = 2 copy 0, m = 2 copy 1 (-1 outside the copies)] and its canonical events (the template).
+    Every copy family comes from m = 2's copy 0, checked against its copy 1 and m = 1's copy 0;
+    every other segment from m = 2, checked against m = 1."""
     if _expand(r2, 1) != r1.keys:
         raise NotPeriodic("the one-copy run's segments differ")
-    # templates: every copy family from m = 2's copy 0, checked against its copy 1 and m = 1's copy 0;
-    # every other segment from m = 2, checked against m = 1
     templates: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-    samples: dict[tuple[Any, ...], list[int]] = {}  # family -> [m=1 c=0, m=2 c=0, m=2 c=1] segment indices
+    samples: dict[tuple[Any, ...], list[int]] = {}
     for i, key in enumerate(r2.keys):
         fam, c = _family(key)
         samples.setdefault(fam, [-1, -1, -1])[1 + (c or 0)] = i
@@ -286,16 +319,7 @@ def _combine(runs, counters, k, flop_counter, StepMemory, roofline):  # type: ig
         elif r1.canonical(i1, first_last=False) != r2.canonical(i2, first_last=False):
             raise NotPeriodic("a segment outside the copies differs between the runs")
         templates[fam] = t
-    peak, phase_peaks = _peaks(r1, r2, full, samples, k)
-    events = _events(full, templates, r2.p, k)
-    scalars = [_fit(a, b, k) for a, b in zip(
-        (mem1.weights_bytes, mem1.quant_constant_bytes, mem1.trainable_bytes, mem1.grad_bytes,
-         mem1.optimizer_state_bytes, mem1.paged_optimizer_bytes, mem1.host_bytes),
-        (mem2.weights_bytes, mem2.quant_constant_bytes, mem2.trainable_bytes, mem2.grad_bytes,
-         mem2.optimizer_state_bytes, mem2.paged_optimizer_bytes, mem2.host_bytes))]
-    if flop_counter is not None:
-        _flops(counters[0], counters[1], k, flop_counter, roofline)
-    return StepMemory(peak, phase_peaks, *scalars, events=events)
+    return samples, templates
 
 
 def _peaks(r1: _Run, r2: _Run, full: list[tuple[Any, ...]], samples: dict, k: int):  # type: ignore[no-untyped-def]
@@ -354,28 +378,47 @@ def _events(full: list[tuple[Any, ...]], templates: dict, p: int, k: int) -> lis
     def index_of(role: tuple[Any, ...]) -> int:
         return _index(role, p, k)
 
+    compiled = {fam: _compile(t) for fam, t in templates.items()}
     out: list[int] = []
     for key, (fam, c) in zip(full, fams):
         role = key[2]
         src = index_of(role) if role is not None else None
-        for ev in templates[fam]:
-            if type(ev) is int:
-                out.append(ev)
-                continue
-            tag = ev[0]
+        ints, frees = compiled[fam]
+        n0 = len(out)
+        out.extend(ints)
+        for spec, items in frees:
+            tag = spec[0]
             if tag == "F":
-                out.append(~(starts[ev[1]] + ev[2]))
+                base = starts[spec[1]]
             elif tag == "B":
-                _, tphase, tkind, delta, tocc, off = ev
-                out.append(~(starts[(tphase, tkind, role_at(src + delta), tocc)] + off))  # type: ignore[operator]
+                _, tphase, tkind, delta, tocc = spec
+                base = starts[(tphase, tkind, role_at(src + delta), tocc)]  # type: ignore[operator]
             else:
-                _, tphase, tkind, pos, tocc, off = ev
+                _, tphase, tkind, pos, tocc = spec
                 if pos[0] == "first":
                     pos = ("C", 0, pos[1])
                 elif pos[0] == "last":
                     pos = ("C", k - 1, pos[1])
-                out.append(~(starts[(tphase, tkind, pos, tocc)] + off))
+                base = starts[(tphase, tkind, pos, tocc)]
+            nb = ~base  # a free of event base + off is written ~(base + off) = ~base - off
+            for at, off in items:
+                out[n0 + at] = nb - off
     return out
+
+
+def _compile(template: tuple[Any, ...]) -> tuple[list[int], list[tuple[tuple[Any, ...], list[tuple[int, int]]]]]:
+    """A template as (its events with 0 in place of each free, its frees grouped by the segment they point
+    into: [(target, [(position, offset in the target)])]): each segment instance resolves a target once."""
+    ints: list[int] = []
+    groups: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    for at, ev in enumerate(template):
+        if type(ev) is int:
+            ints.append(ev)
+            continue
+        ints.append(0)
+        spec, off = (ev[:2], ev[2]) if ev[0] == "F" else (ev[:5], ev[5])
+        groups.setdefault(spec, []).append((at, off))
+    return ints, list(groups.items())
 
 
 def _flops(c1: Any, c2: Any, k: int, into: Any, roofline: Any) -> None:

@@ -17,7 +17,7 @@ from ..dtypes import FP32, INT64
 from ..training import Training
 from ..tuned import TunedModel
 from .autograd import Param
-from . import ops, unsloth_lora
+from . import ops
 from .ops import Ctx, add, cast, elementwise, linear, mul
 from .sim import Tensor, rounded
 from .program_modern import modern_block_forward
@@ -30,6 +30,13 @@ from .peft_linear import (BNB_4BIT_BLOCKSIZE, BNB_GEMM_4BIT_CUSTOM_MAX_M, _dora,
 from .norms import _layernorm, _norm, _rmsnorm, _t5_layernorm  # noqa: F401
 from .attention import _attention, _rope, _softcap  # noqa: F401
 from .adapters import _adapter, _with_adapters  # noqa: F401  (_adapter re-exported)
+
+
+def _unsloth():  # type: ignore[no-untyped-def]
+    """engine/unsloth_lora.py, imported when a block first runs Unsloth's LoRA kernels (`--trainer unsloth`)."""
+    from . import unsloth_lora
+
+    return unsloth_lora
 
 
 MODERN_TYPES = frozenset(_MODERN_BUILDERS) | frozenset(_MOE_BUILDERS)
@@ -189,7 +196,7 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
                 v = tape.new(n * K * hd, qkv.dtype, qkv.requires_grad, "v_split")
             tape.record("split", [qkv], [q, k, v], [])
             tape.drop(qkv)
-        elif fused := ("unsloth_lora" in ctx.kernels and not prefix and unsloth_lora.qkv(ctx, training, x, lps)):
+        elif fused := ("unsloth_lora" in ctx.kernels and not prefix and _unsloth().qkv(ctx, training, x, lps)):
             q, k, v = fused  # Unsloth's LoRA_QKV (engine/unsloth_lora.py)
         else:
             q = tuned_linear(ctx, x, lps[f"{prefix}q"])
@@ -229,7 +236,7 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
         a = _attention(ctx, arch, training, q, k, v, enc_tokens, causal,
                        masked=bool(bp.tuned.prefix_tokens) and not prefix, bias=bias, hold=held_base)
         tape.drop(q, k, v, held_base)
-        o = ("unsloth_lora" in ctx.kernels and not prefix and unsloth_lora.o(ctx, training, a, lps)) \
+        o = ("unsloth_lora" in ctx.kernels and not prefix and _unsloth().o(ctx, training, a, lps)) \
             or tuned_linear(ctx, a, lps[f"{prefix}o"])
         tape.drop(a)
         od = _dropout(ctx, o, drop_p)
@@ -237,7 +244,7 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
         return od
 
     def mlp_part(x: Tensor) -> Tensor:
-        if "unsloth_lora" in ctx.kernels and (fused := unsloth_lora.mlp(ctx, training, x, lps)) is not None:
+        if "unsloth_lora" in ctx.kernels and (fused := _unsloth().mlp(ctx, training, x, lps)) is not None:
             return fused  # Unsloth's LoRA_MLP (engine/unsloth_lora.py)
         if "gate_up" in lps:
             gu = tuned_linear(ctx, x, lps["gate_up"])

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 from ..arch import ModelArch
 from ..training import Training
-from . import unsloth_lora
 from .ops import Ctx, add, elementwise, mul
 from .sim import Tensor
 from .norms import norm_style, rmsnorm  # noqa: F401  (re-exported)
+
+
+def _unsloth():  # type: ignore[no-untyped-def]
+    """engine/unsloth_lora.py, imported when a block first runs Unsloth's LoRA kernels (`--trainer unsloth`)."""
+    from . import unsloth_lora
+
+    return unsloth_lora
 
 
 def sliding_masked(arch: ModelArch, training: Training, window: int | None, kv_tokens: int) -> bool:
@@ -49,7 +55,7 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
     # ---- self-attention ----
     residual = h
     x = rmsnorm(ctx, h, norms["input_layernorm"], n, style) if "input_layernorm" in norms else tape.alloc.retain(h)
-    fused = "unsloth_lora" in ctx.kernels and unsloth_lora.qkv(ctx, training, x, lps)  # engine/unsloth_lora.py
+    fused = "unsloth_lora" in ctx.kernels and _unsloth().qkv(ctx, training, x, lps)  # engine/unsloth_lora.py
     q, k, v = fused or (tuned_linear(ctx, x, lps["q"]), tuned_linear(ctx, x, lps["k"]), tuned_linear(ctx, x, lps["v"]))
     tape.drop(x)
     if arch.qk_norm == "head":
@@ -80,7 +86,7 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
         masked = masked_by_prefix or sliding_masked(arch, training, block.sliding_window, kv_tokens)
         a = _attention(ctx, arch, training, q, k, v, kv_tokens, True, masked=masked)
     tape.drop(q, k, v)
-    o = ("unsloth_lora" in ctx.kernels and unsloth_lora.o(ctx, training, a, lps)) or tuned_linear(ctx, a, lps["o"])
+    o = ("unsloth_lora" in ctx.kernels and _unsloth().o(ctx, training, a, lps)) or tuned_linear(ctx, a, lps["o"])
     tape.drop(a)
     o = _with_adapters(ctx, "after-attn", o, bp)
     sandwich = "pre_feedforward_layernorm" in norms  # gemma3: norms before and after each sub-layer
@@ -98,7 +104,7 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
 
         m = moe_forward(ctx, x, block.moe, extras, bp.expert_lora,  # mixtral / qwen3_moe / gpt_oss sparse MLP
                         dict(bp.tuned.expert_lora))
-    elif "unsloth_lora" in ctx.kernels and (fused_mlp := unsloth_lora.mlp(ctx, training, x, lps)) is not None:
+    elif "unsloth_lora" in ctx.kernels and (fused_mlp := _unsloth().mlp(ctx, training, x, lps)) is not None:
         m = fused_mlp  # Unsloth's LoRA_MLP (engine/unsloth_lora.py)
     else:
         gate = tuned_linear(ctx, x, lps["gate"])

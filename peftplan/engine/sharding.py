@@ -30,11 +30,28 @@ from typing import Any
 
 from ..dtypes import FP32, DType
 from ..training import Training, TrainingError
-from . import deepspeed as zero
 from .autograd import Param, Tape
-from .deepspeed import zero_view  # noqa: F401  (engine/step.py: the step DeepSpeed runs)
 from .sim import Allocator, Tensor, rounded
 from .shard_common import _block_params, interconnect, marker  # noqa: F401  (re-exported)
+
+
+class _DeepSpeed:
+    """engine/deepspeed.py, imported on first use: a one-GPU estimate (the CLI's common case) never needs it."""
+
+    def __getattr__(self, name: str) -> Any:
+        from . import deepspeed
+
+        return getattr(deepspeed, name)
+
+
+zero = _DeepSpeed()
+
+
+def zero_view(model: Any, training: Training) -> tuple[Any, Training]:
+    """engine/deepspeed.py zero_view (the step DeepSpeed runs); any other setup is its own step."""
+    if not training.shard.startswith("zero"):  # deepspeed.ZERO's stages: zero1, zero2, zero3
+        return model, training
+    return zero.zero_view(model, training)
 
 FSDP = ("fsdp-full", "fsdp-grad-op", "fsdp-hybrid")
 EXTRA_CATEGORIES = ("unsharded_params", "comm_buffers")

@@ -20,8 +20,6 @@ from ..trainers import get_trainer
 from ..training import Training
 from ..tuned import TunedModel
 from .losses import LOSSES
-from .liger import layer_kernels
-from .offload import host_and_copied, offloader_for
 from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
 from . import ops
 from .ops import Ctx, linear
@@ -57,6 +55,9 @@ def _forward_backward(alloc: Allocator, model: TunedModel, params: ModelParams, 
     tokens = B * T
     autocast = training.compute_dtype if training.mixed else None
     tape = Tape(alloc)
+    from .liger import layer_kernels  # trainer modules imported when a step runs, not with the CLI
+    from .offload import offloader_for
+
     tape.offloader = offloader_for(alloc, training, model)  # activation offloading (engine/offload.py)
     tape.marking = getattr(alloc, "segs", None) is not None  # engine/depth.py: mark the blocks' backward
     for p in _all_params(params):
@@ -386,6 +387,8 @@ def _simulate(model: TunedModel, training: Training, flop_counter: "ops.FlopCoun
             alloc.mark("zero_grad_end")
         if plan is not None:
             plan.zero_grad(alloc)
+    from .offload import host_and_copied
+
     act_host, act_copied = host_and_copied(alloc)  # activation offloading (engine/offload.py)
     return StepMemory(alloc.peak, alloc.phase_peaks, weights, quant_bytes, trainable_bytes, grad_bytes,
                       state_bytes, paged, (plan.host_bytes if plan is not None else 0) + act_host, act_copied,

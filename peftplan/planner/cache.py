@@ -41,6 +41,12 @@ def _disk_path(arch: ModelArch, key: tuple[Any, ...]):  # type: ignore[no-untype
     return where / "plan" / _code_fingerprint()[:16] / f"{digest}.pickle"
 
 
+def _point_class() -> type:
+    from .replay_point import _PointStructure
+
+    return _PointStructure
+
+
 def _disk_load(arch: ModelArch, key: tuple[Any, ...]) -> "_Structure | None":
     import pickle
 
@@ -50,7 +56,7 @@ def _disk_load(arch: ModelArch, key: tuple[Any, ...]) -> "_Structure | None":
             return None
         with open(path, "rb") as fh:
             stored_key, s = pickle.load(fh)
-        if stored_key != repr((arch, key)) or not isinstance(s, _Structure):
+        if stored_key != repr((arch, key)) or not isinstance(s, (_Structure, _point_class())):
             return None
         s.arch = arch
         return s

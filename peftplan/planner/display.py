@@ -16,7 +16,8 @@ def plan_table(result: PlanResult, limit: int = 15, distinct: bool = True):  # t
     from rich.table import Table
 
     fits = bool(result.rows)
-    title = (f"{result.model} on {result.gpu.name} ({fmt_gib(result.gpu.memory_bytes)}), seq {result.seq_len}: "
+    title = (f"{result.model} on {result.gpu.name} ({fmt_gib(result.gpu.memory_bytes)}), seq {result.seq_len}, "
+             f"trainer {result.trainer}: "
              + (f"configurations that fit, by {result.objective} ('=' ties with the row above)" if fits
                 else "nothing fits; least memory first"))
     from rich.text import Text

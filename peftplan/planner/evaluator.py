@@ -42,6 +42,20 @@ class Evaluator:
         self.sharded_fast = sharded_fast
         self.stats = PlanStats()
         self.alloc_conf = ""  # PYTORCH_CUDA_ALLOC_CONF for every estimate() (Training.alloc_conf)
+        # who runs the step (Training.trainer / trainer_options): "hf", the bare step, is recorded once per
+        # structure on encoded sizes; any other trainer per point (replay_point.py: its loss is not a polynomial)
+        self.trainer = "hf"
+        self.trainer_options: tuple[str, ...] = ()
+        self._point_structures: list[tuple[tuple[Any, ...], Any, int]] = []  # (disk key, structure, points on load)
+
+    def persist(self) -> None:
+        """Write the point structures that recorded new points to the disk cache (planner/cache.py), so a
+        second plan of the same model under the same trainer is warm."""
+        for key, s, loaded in self._point_structures:
+            if len(s._points) > loaded:
+                self.stats.structures_recorded += len(s._points) - loaded  # one symbolic step per new point
+                _disk_save(self.arch, key, s)
+        self._point_structures = [(key, s, len(s._points)) for key, s, _ in self._point_structures]
 
     def _use_fast(self, s: "_Structure", config: PlanConfig) -> bool:
         return self.fast and s.exact and (self.sharded_fast or not config.sharded)
@@ -55,12 +69,26 @@ class Evaluator:
         base = _with_ckpt_options(variant.base, grad_ckpt)
         attention = resolve_attention(self.arch, attention, explicit=False)[0]  # as estimate() resolves it
         ranks: tuple[int | None, ...] = self.ranks if variant.method in LORA_LIKE else (None,)
-        key = (id(self.arch), base, ranks, grad_ckpt, attention, precision, accumulate)
+        key = (id(self.arch), base, ranks, grad_ckpt, attention, precision, accumulate, self.trainer,
+               self.trainer_options)
         hit = _STRUCT_CACHE.get(key)
         if hit is not None and hit[0] is self.arch:
             return hit[1]
         if len(_STRUCT_CACHE) >= _STRUCT_CACHE_MAX:
             _STRUCT_CACHE.clear()
+        if self.trainer != "hf":
+            from .replay_point import _PointStructure
+
+            point_key = (base, ranks, grad_ckpt, attention, precision, accumulate, self.trainer, self.trainer_options)
+            s: Any = _disk_load(self.arch, point_key)
+            if s is not None:
+                self.stats.structures_loaded += 1
+            else:
+                s = _PointStructure(self.arch, base, ranks, grad_ckpt, attention, precision, accumulate,
+                                    self.trainer, self.trainer_options)  # its symbolic steps are counted in persist()
+            self._point_structures.append((point_key, s, len(s._points)))
+            _STRUCT_CACHE[key] = (self.arch, s)
+            return s
         disk_key = (base, ranks, grad_ckpt, attention, precision, accumulate)
         s = _disk_load(self.arch, disk_key)
         if s is not None:
@@ -130,7 +158,9 @@ class Evaluator:
 
     def searchable(self, config: PlanConfig) -> bool:
         """Fit verdicts are cheap for any micro-batch here: search beyond the grid."""
-        return self._use_fast(self._checked(config), config) and config.optimizer in _FAST_OPTIMIZERS
+        s = self._checked(config)
+        return (self._use_fast(s, config) and config.optimizer in _FAST_OPTIMIZERS
+                and not getattr(s, "point_wise", False))  # replay_point.py: a symbolic step per micro-batch
 
     def _fast(self, s: _Structure, config: PlanConfig, gpu: GPU) -> PlanRow:
         r = config.variant.rank or 0
@@ -150,7 +180,8 @@ class Evaluator:
                 table, rates, micro=micro, grad_accum=accum, optimizer=config.optimizer,
                 optimizer_impl="fused", trainable_bytes=trainable_bytes(s, r),
                 trainable_elements=s.params[config.variant.rank].trainable,
-                paged_bytes_over=min(paged, max(0, device_total + paged - gpu.memory_bytes)) if paged else 0)
+                paged_bytes_over=min(paged, max(0, device_total + paged - gpu.memory_bytes)) if paged else 0,
+                offload_bytes=s.activation_offload_at(B, T, r) * accum if getattr(s, "point_wise", False) else 0)
             step_time = timing.step_time_s
             tokens_per_s = config.n_gpus * (B * T) * accum / step_time  # estimate()'s expression
         p = s.params[config.variant.rank]
@@ -165,6 +196,8 @@ class Evaluator:
             training = config.training()
             if self.alloc_conf:
                 training = training.with_(alloc_conf=self.alloc_conf)
+            if self.trainer != "hf":
+                training = training.with_(trainer=self.trainer, trainer_options=self.trainer_options)
             return estimate(self.arch, config.variant.method, training, gpu,
                             _with_ckpt_options(config.variant, config.grad_ckpt).opts())
         except TrainingError as exc:  # e.g. a paged optimizer with sharding: this setup cannot run

@@ -94,35 +94,27 @@ _record_lock = threading.Lock()
 
 @dataclass
 class _Recording:
-    events: list[tuple[Any, ...]]
+    pre: list[int]  # candidate running totals before the optimizer state exists (encoded)
+    post: list[int]  # and after it (without it)
+    state: int  # the optimizer state (encoded)
+    trainables: list[tuple[int, Any]]  # (encoded numel, dtype) of every trainable tensor, in order
     classes: dict[tuple[int, int], int]  # (encoded numel, bits) -> rounding class index
+    shallow: tuple[Any, Any] | None = None  # recorded from shallow runs: (depth shape, the one-copy run's FlopCount)
+    activation_offload_bytes: int = 0  # StepMemory's: saved activations copied to the host (engine/offload.py)
 
 
-def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _Recording:
-    """Run engine.step.simulate_step on encoded sizes with an allocator that records every event.
+def _recorder_mixin(events: list[tuple[Any, ...]], classes: dict[tuple[int, int], int]) -> type:
+    """Allocator methods that append every allocation, free, add and spike to `events`, with the
+    encoded sizes made exact (see _record_step); mixed into engine/sim.py's Allocator classes."""
 
-    A size-dependent tensor is given its exact (unrounded) encoded byte count plus a 1 in the digit
-    of its *rounding class* (its numel polynomial and width): every total the engine computes from
-    allocator totals (e.g. a checkpointed layer's recompute spike) then also counts how many
-    tensors of each class it holds, which is what the 512-byte rounding at concrete sizes needs.
-    """
-    import peftplan.engine.step as step_mod
-    from ..engine.sim import Allocator
-
-    events: list[tuple[Any, ...]] = []
-    classes: dict[tuple[int, int], int] = {}
-    owner = threading.get_ident()
-
-    class _Recorder(Allocator):
-        def __init__(self) -> None:
-            super().__init__()
-            self._in_spike = False
+    class _Recorder:
+        _in_spike = False
 
         def _note(self) -> None:  # peaks of encoded sizes mean nothing; the planner computes its own
             pass
 
         def new(self, numel, dtype, category, requires_grad=False, label="", count=1):  # type: ignore[no-untyped-def]
-            t = super().new(numel, dtype, category, requires_grad, label, count)
+            t = super().new(numel, dtype, category, requires_grad, label, count)  # type: ignore[misc]
             if numel >= _Q:
                 bits = dtype.bits
                 if bits % 8:
@@ -134,30 +126,62 @@ def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _R
                 exact = numel * bits // 8 * count + (count << (_DIGIT * (_NPOLY + cls)))
                 delta = exact - t.nbytes
                 t.nbytes = exact
-                self.total += delta
-                self.by_category[category] += delta
+                self.total += delta  # type: ignore[attr-defined]
+                self.by_category[category] += delta  # type: ignore[attr-defined]
             events.append((_NEW, t, category))
             return t
 
         def release(self, t):  # type: ignore[no-untyped-def]
             if t is None or not t.alive:
                 return
-            super().release(t)
+            super().release(t)  # type: ignore[misc]
             if not t.alive:
                 events.append((_FREE, t))
 
         def add_bytes(self, nbytes, category):  # type: ignore[no-untyped-def]
-            super().add_bytes(nbytes, category)
+            super().add_bytes(nbytes, category)  # type: ignore[misc]
             if not self._in_spike:
                 events.append((_ADD, nbytes, category))
 
         def spike(self, nbytes, category="temporaries"):  # type: ignore[no-untyped-def]
             self._in_spike = True
             try:
-                super().spike(nbytes, category)
+                super().spike(nbytes, category)  # type: ignore[misc]
             finally:
                 self._in_spike = False
-            events.append((_SPIKE, nbytes, self.phase))
+            events.append((_SPIKE, nbytes, self.phase))  # type: ignore[attr-defined]
+
+    return _Recorder
+
+
+def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _Recording:
+    """Run engine.step.simulate_step on encoded sizes with an allocator that records every event.
+
+    A size-dependent tensor is given its exact (unrounded) encoded byte count plus a 1 in the digit
+    of its *rounding class* (its numel polynomial and width): every total the engine computes from
+    allocator totals (e.g. a checkpointed layer's recompute spike) then also counts how many
+    tensors of each class it holds, which is what the 512-byte rounding at concrete sizes needs.
+    A model whose blocks repeat is recorded at two shallow depths (replay_depth.py); `flop_counter`
+    then holds the full depth's counts and a KernelTable (`table`) instead of the kernel list.
+    """
+    import peftplan.engine.step as step_mod
+    from ..engine.sim import Allocator
+    from .replay_depth import record_extrapolated, timeline_candidates
+
+    events: list[tuple[Any, ...]] = []
+    classes: dict[tuple[int, int], int] = {}
+    owner = threading.get_ident()
+    mixin = _recorder_mixin(events, classes)
+    with _record_lock:
+        got = record_extrapolated(model, training, mixin, events, flop_counter, step_mod._simulate, _NotExact)
+    if got is not None:
+        *timeline, shallow = got
+        return _Recording(*timeline, classes, shallow)
+    if flop_counter is not None and hasattr(flop_counter, "table"):  # a failed extrapolation's partial counts
+        raise _NotExact("the depth extrapolation of the FLOPs failed half-way")
+
+    class _Recorder(mixin, Allocator):  # type: ignore[misc, valid-type]
+        pass
 
     def factory() -> Allocator:
         # Only this thread's simulation records; any other thread keeps the plain allocator.
@@ -169,56 +193,11 @@ def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _R
         saved = step_mod.Allocator
         step_mod.Allocator = factory  # type: ignore[assignment]
         try:
-            step_mod.simulate_step(model, training, flop_counter=flop_counter, extrapolate=False)
+            mem = step_mod.simulate_step(model, training, flop_counter=flop_counter, extrapolate=False)
         finally:
             step_mod.Allocator = saved  # type: ignore[assignment]
-    return _Recording(events, classes)
-
-
-def _timeline(events: list[tuple[Any, ...]]):  # type: ignore[no-untyped-def]
-    """Candidates for the peak before / after the optimizer state appears, the state, the trainables.
-
-    Allocations only add and frees only subtract, so the running total can only peak at the last
-    event before a free, at a spike, or at the end: those are the candidates. The optimizer
-    state's own add is left out of the running total (the caller adds the state of the optimizer
-    it evaluates).
-    """
-    cur = 0
-    rising = False
-    pre: list[int] = []
-    post: list[int] = []
-    state_val: int | None = None
-    trainables: list[tuple[int, Any]] = []
-    for ev in events:
-        kind = ev[0]
-        if kind == _NEW:
-            t = ev[1]
-            if state_val is None and ev[2] == "trainable_params":
-                trainables.append((t.numel, t.dtype))
-            cur += t.nbytes
-            rising = True
-        elif kind == _FREE:
-            if rising:
-                (post if state_val is not None else pre).append(cur)
-            cur -= ev[1].nbytes
-            rising = False
-        elif kind == _ADD:
-            if ev[2] == "optimizer_state":
-                if state_val is not None:
-                    raise _NotExact("optimizer state added twice")
-                state_val = ev[1]
-                continue
-            cur += ev[1]
-            rising = True
-        else:
-            _, nbytes, phase = ev
-            if phase.startswith("optimizer") and nbytes:
-                raise _NotExact("the optimizer step allocates scratch")
-            (post if state_val is not None else pre).append(cur + nbytes)
-    (post if state_val is not None else pre).append(cur)
-    if state_val is None:
-        raise _NotExact("no optimizer state was recorded")
-    return pre, post, state_val, trainables
+    return _Recording(*timeline_candidates(events, _NotExact), classes,
+                      activation_offload_bytes=mem.activation_offload_bytes)
 
 
 @dataclass(frozen=True)
@@ -290,6 +269,10 @@ def _with_rank(model: Any, rank: int) -> Any:
         for tb in model.blocks
     )
     return replace(model, blocks=blocks)
+
+
+def _flop_fields(fl: Any) -> tuple[int, int, int, int]:
+    return (fl.forward, fl.backward_input, fl.backward_weight, fl.recompute)
 
 
 class _Structure:
@@ -378,7 +361,7 @@ class _Structure:
         counted = FlopCount()
         rec = _record_step(sym, enc.with_(grad_accum=2) if self.accumulate else enc, counted)
         ndig = _NPOLY + len(rec.classes)
-        pre, post, state_val, trainables = _timeline(rec.events)
+        pre, post, state_val, trainables = rec.pre, rec.post, rec.state, rec.trainables
         self.post = _pareto(post, ndig)
         # The optimizer state only adds: a running total seen again after it exists (the second
         # step repeats the first) cannot be the peak before it.
@@ -391,18 +374,34 @@ class _Structure:
         for coefs, _ in self.trainables:
             if any(coefs[i] for i in (1, 2, 4, 5, 6, 7, 8, 9, 10, 11)):
                 raise _NotExact("a trainable tensor's size depends on the batch or sequence")
-        self.kernels = KernelPolys(counted.kernels, lambda v: _poly(_digits(v, _NPOLY)))
+        decode = lambda v: _poly(_digits(v, _NPOLY))  # noqa: E731
+        table = getattr(counted, "table", None)
+        self.kernels = (KernelPolys.from_table(table, decode) if table is not None
+                        else KernelPolys(counted.kernels, decode))
         fl = step_flops(sym, enc, counted=counted)
         self.flops = tuple(_poly(_digits(v, _NPOLY))
                            for v in (fl.forward, fl.backward_input, fl.backward_weight, fl.recompute))
         # The FLOP polynomial must match step_flops at a concrete point, (B, T) = (3, 320) at the
-        # largest rank (a full symbolic step, ~0.5 s on an 8B model; the comparisons with estimate()
-        # in tests/test_planner.py cover other points and ranks).
+        # largest rank (the comparisons with estimate() in tests/test_planner.py cover other points and
+        # ranks): it catches a count that is not a polynomial (a sliding window's min(T, W)). A recording
+        # from shallow runs is checked on the one-copy shallow model, whose polynomial it recorded too
+        # (the extrapolation in depth of the counts is exact by construction, tests/test_depth_extrapolation.py);
+        # otherwise the full model is run (~0.5 s on an 8B model).
         r, m = list(self.models.items())[-1]
-        direct = step_flops(m, Training(micro_batch=3, seq_len=320, grad_ckpt=self.grad_ckpt,
-                                        attention=self.attention, precision=self.precision))  # type: ignore[arg-type]
-        if self.flops_at(3, 320, r or 0) != (direct.forward, direct.backward_input,
-                                             direct.backward_weight, direct.recompute):
+        point = Training(micro_batch=3, seq_len=320, grad_ckpt=self.grad_ckpt, attention=self.attention,
+                         precision=self.precision)  # type: ignore[arg-type]
+        if rec.shallow is not None:
+            from ..engine.depth import shallow_model
+
+            shape, one_copy = rec.shallow
+            polys = [_poly(_digits(v, _NPOLY)) for v in _flop_fields(step_flops(sym, enc, counted=one_copy))]
+            mono = _monomials(320, r or 0)
+            expected = tuple(d + 3 * e for d, e in (_split_eval(c, mono) for c in polys))
+            direct = step_flops(shallow_model(m, shape, 1), point)
+        else:
+            expected = self.flops_at(3, 320, r or 0)
+            direct = step_flops(m, point)
+        if expected != _flop_fields(direct):
             raise _NotExact("the FLOP polynomial disagrees with step_flops")
         for r in self.models:
             self.state_bytes("adamw", r or 0)  # checks the recomputed state against the recorded one
@@ -415,6 +414,10 @@ class _Structure:
             d, e = _split_eval(coefs, mono)
             out.append(d + B * e)
         return tuple(out)  # type: ignore[return-value]
+
+    def trainables_at(self, r: int) -> list[tuple[int, Any]]:
+        """(numel, dtype) of every trainable tensor at rank r."""
+        return [(c[0] + c[3] * r, dtype) for c, dtype in self.trainables]
 
     def state_bytes(self, optimizer: str, r: int) -> int:
         """Optimizer state on the device: engine/optimizers.py tensor_cost over the trainable tensors."""

@@ -54,6 +54,17 @@ class KernelPolys:
         self.attn = [(phase, decode(f), decode(nb), dt, c) for (phase, f, nb, dt), c in attn.items()]
         self.streams = [(key, decode(v)) for key, v in streams.items()]
 
+    @classmethod
+    def from_table(cls, table: roofline.KernelTable, decode: Any) -> "KernelPolys":
+        """The same from an aggregated KernelTable of encoded sizes (engine/depth.py's extrapolated counts)."""
+        self = cls.__new__(cls)
+        self.launches = table.launches
+        self.mm = [(phase, decode(m), decode(n), decode(kk), dt, decode(b), c)
+                   for (phase, m, n, kk, dt, b), c in table.matmuls.items()]
+        self.attn = [(phase, decode(f), decode(nb), dt, c) for (phase, f, nb, dt), c in table.attention.items()]
+        self.streams = [(key, decode(v)) for key, v in table.streams.items()]
+        return self
+
     def table_at(self, B: int, T: int, r: int) -> roofline.KernelTable:
         mono = (1, T, T * T, r, T * r, T * T * r)
 
@@ -71,11 +82,6 @@ class KernelPolys:
             attn[key] = attn.get(key, 0) + c
         streams = {key: ev(v) for key, v in self.streams}
         return roofline.KernelTable(mm, attn, streams, self.launches)
-
-
-def trainable_bytes_at(trainables: Sequence[tuple[tuple[int, ...], Any]], r: int) -> int:
-    """Bytes of the trainable parameters as allocated (each rounded to 512), at rank r."""
-    return sum(rounded(dt.bytes_for(c[0] + c[3] * r)) for c, dt in trainables)
 
 
 def micro_batch_time(s: Any, B: int, T: int, r: int, rates: roofline.Rates) -> tuple[roofline.KernelTable, Any]:
@@ -98,8 +104,8 @@ def paged_bytes(s: Any, optimizer: str, r: int) -> int:
     key = ("paged " + optimizer, r)
     got = s._state.get(key)
     if got is None:
-        got = s._state[key] = sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).paged_bytes
-                                  for c, dtype in s.trainables)
+        got = s._state[key] = sum(tensor_cost(optimizer, "fused", n, dtype, None).paged_bytes
+                                  for n, dtype in s.trainables_at(r))
     return got
 
 
@@ -109,5 +115,5 @@ def trainable_bytes(s: Any, r: int) -> int:
     key = ("trainable bytes", r)
     got = s._state.get(key)
     if got is None:
-        got = s._state[key] = trainable_bytes_at(s.trainables, r)
+        got = s._state[key] = sum(rounded(dt.bytes_for(n)) for n, dt in s.trainables_at(r))
     return got

@@ -35,7 +35,8 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
          optimizers: Sequence[str] = OPTIMIZERS, seq_sweep: Sequence[int] = SEQ_SWEEP,
          shard: str | None = None, shards: Sequence[str] | None = None,
          targets: Sequence[str | None] = TARGETS, objective: str = "quality", global_batch: int | None = None,
-         fast: bool = True, verify: bool = True, alloc_conf: str = "") -> PlanResult:
+         fast: bool = True, verify: bool = True, alloc_conf: str = "", trainer: str = "hf",
+         trainer_options: tuple[str, ...] = ()) -> PlanResult:
     """Every searched configuration of `arch` on `n_gpus` x `gpu`; those that fit ranked by `objective`
     (ranking.py: "quality" (default), "speed" or "cost").
 
@@ -50,6 +51,10 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
     estimate(). The fast path records one GPU's step: when estimate() models sharding (probed on
     this model), sharded configurations are estimated directly (slower, exact); while it does not,
     they are exactly the one-GPU numbers and the plan says so.
+
+    `trainer` (with its switches `trainer_options`) runs every configuration as estimate() does under it;
+    "hf", the bare transformers Trainer step, is recorded once per method setting, any other trainer once per
+    micro-batch, sequence length and rank (planner/replay_point.py), which is slower.
     """
     started = time.perf_counter()
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 1:
@@ -61,6 +66,9 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r} (choose from {', '.join(OBJECTIVES)})")
+    from ..trainers import get_trainer
+
+    get_trainer(trainer).check_options(tuple(trainer_options))  # an unknown trainer or switch: one line
     per_gpu_batch = None
     if global_batch is not None:
         if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1 \
@@ -112,8 +120,17 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
             notes.append(f"{n_gpus} GPUs: multi-GPU sharding (DDP/FSDP/DeepSpeed) is not modelled yet by estimate(); "
                          "this plan is for one GPU, each of the others would hold the same. Time and cost assume "
                          f"{n_gpus} data-parallel GPUs scaling linearly")
+    if trainer != "hf":
+        # replay_point.py: one symbolic step per micro-batch, sequence length and rank (the optimizers share it)
+        narrowed = ""
+        if ranks is RANKS:
+            ranks, narrowed = (16,), "; the search is narrowed to LoRA rank 16 (pass --ranks for more)"
+        notes.append(f"planned for trainer {trainer!r} as estimate() runs it: its loss is not a polynomial of the "
+                     "batch (tiles of a fixed number of tokens), so each micro-batch, sequence length and rank is "
+                     f"one symbolic step (slower than the bare step's one per method setting){narrowed}")
     ev = Evaluator(arch, ranks=ranks, fast=fast, sharded_fast=not modelled)
     ev.alloc_conf = alloc_conf
+    ev.trainer, ev.trainer_options = trainer, tuple(trainer_options)
 
     settings = [(ck, at, opt, sh) for sh in shard_list for ck in grad_ckpt for at in attentions for opt in optimizers]
 
@@ -212,8 +229,8 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         bases: dict[PlanConfig, PlanConfig] = {}
         for v in (v for v in variants if v.method == m):
             for ck, at, opt, sh in settings:
-                if modelled and (ck != max(grad_ckpt) or opt != optimizers[-1]):
-                    continue  # direct estimates: the limits only from the least memory-hungry settings
+                if (modelled or trainer != "hf") and (ck != max(grad_ckpt) or opt != optimizers[-1]):
+                    continue  # a symbolic step per point: the limits only from the least memory-hungry settings
                 b = PlanConfig(v, 1, seq, ck, at, opt, precision, n_gpus, sh)
                 if ev.error(b) is None:
                     bases.setdefault(ev.effective(b), b)
@@ -274,12 +291,13 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
     suggestion = None if fitting else _what_would_fit(ev, arch, gpu, closest, limits, seq, chosen, precision,
                                                       n_gpus, modelled)
     explanation = _explain(fitting, closest, gpu, tokens, price, suggestion, objective)
+    ev.persist()
     stats = ev.stats
     stats.seconds = time.perf_counter() - started
     return PlanResult(model=arch.name, gpu=gpu, n_gpus=n_gpus, seq_len=seq, tokens=tokens, price_per_hour=price,
                       precision=precision, rows=fitting, closest=closest, limits=limits, skipped=skipped,
                       explanation=explanation, notes=notes, suggestion=suggestion, stats=stats,
-                      best_estimate=best_estimate, objective=objective, global_batch=global_batch)
+                      best_estimate=best_estimate, objective=objective, global_batch=global_batch, trainer=trainer)
 
 
 

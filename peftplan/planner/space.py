@@ -234,6 +234,7 @@ class PlanResult:
     best_estimate: Estimate | None = None
     objective: str = "quality"
     global_batch: int | None = None
+    trainer: str = "hf"  # who runs every configuration's step (peftplan/trainers/)
 
     @property
     def best(self) -> PlanRow | None:
@@ -243,7 +244,7 @@ class PlanResult:
         return {
             "model": self.model, "gpu": self.gpu.name, "gpu_memory_bytes": self.gpu.memory_bytes,
             "n_gpus": self.n_gpus, "seq_len": self.seq_len, "tokens": self.tokens,
-            "objective": self.objective, "global_batch": self.global_batch,
+            "objective": self.objective, "global_batch": self.global_batch, "trainer": self.trainer,
             "price_per_hour": self.price_per_hour, "precision": self.precision,
             "fits": [r.to_dict() for r in self.rows], "closest": [r.to_dict() for r in self.closest[:20]],
             "limits": [{
