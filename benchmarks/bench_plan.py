@@ -12,6 +12,7 @@ calls on a sample of the same configurations. Two rates are printed:
   alone).
 
 Usage: python benchmarks/bench_plan.py [--models llama3-8b llama3.2-1b] [--gpus a100-80g h100 rtx4090 l4]
+       [--trainer hf|trl|unsloth|llamafactory] [--seq N]
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from peftplan.methods import MethodError
 from peftplan.planner import DEFAULT_METHODS, OPTIMIZERS, Evaluator, PlanConfig, clear_cache, plan, variants_for
 
 
-def run(model: str, gpus: list[str], direct_samples: int) -> None:
+def run(model: str, gpus: list[str], direct_samples: int, trainer: str = "hf", seq: int | None = None) -> None:
     arch = load_model(model)
-    print(f"\n== {model} ({arch.num_layers} layers)")
+    print(f"\n== {model} ({arch.num_layers} layers), trainer {trainer}, seq {seq or 'default'}")
     clear_cache()
     # cold: empty disk cache, nothing in memory; disk: a new process with the disk cache filled
     # (clear_cache() forgets what this process holds); warm: same process, other GPUs
@@ -37,7 +38,7 @@ def run(model: str, gpus: list[str], direct_samples: int) -> None:
         if i == 1:
             clear_cache()
         t0 = time.perf_counter()
-        result = plan(arch, gpu)
+        result = plan(arch, gpu, seq_len=seq, trainer=trainer)
         wall = time.perf_counter() - t0
         st = result.stats
         kind = "cold" if i == 0 else ("disk" if i == 1 else "warm")
@@ -75,10 +76,13 @@ def main() -> None:
     p.add_argument("--gpus", nargs="+", default=["a100-80g", "h100", "rtx4090", "l4"],
                    help="the first is planned cold, the others warm (use GPUs of the same precision)")
     p.add_argument("--direct-samples", type=int, default=20)
+    p.add_argument("--trainer", default="hf", help="plan under this trainer (hf: the bare step, recorded per "
+                   "method setting; others: one symbolic step per point, planner/replay_point.py)")
+    p.add_argument("--seq", type=int, default=None, help="the plan's sequence length (default 1024)")
     args = p.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.processor() or 'cpu'})")
     for m in args.models:
-        run(m, args.gpus, args.direct_samples)
+        run(m, args.gpus, args.direct_samples, args.trainer, args.seq)
 
 
 if __name__ == "__main__":

@@ -240,7 +240,8 @@ def write_plan_html(result: PlanResult, path: str | Path) -> Path:
     """Write the report and return its path."""
     path = Path(path)
     title = (f"{result.model} on {result.gpu.name}" + (f" x{result.n_gpus}" if result.n_gpus > 1 else "")
-             + f", seq {result.seq_len}: {len(result.rows)} configurations fit, ranked by {result.objective}")
+             + f", seq {result.seq_len}, trainer {result.trainer}: {len(result.rows)} configurations fit, "
+             f"ranked by {result.objective}")
     every = list(result.rows) + list(result.closest)
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">", f"<title>{_e(title)}</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>",
