@@ -23,8 +23,12 @@ from .result import (Compute, Estimate, Memory, Params, build_tuned,  # noqa: F4
 
 
 def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
-             options: dict[str, Any] | None = None) -> Estimate:
-    """Peak memory, FLOPs and time of one optimizer step of `method` on `arch` on `gpu`."""
+             options: dict[str, Any] | None = None, *, flush_check: bool = True) -> Estimate:
+    """Peak memory, FLOPs and time of one optimizer step of `method` on `arch` on `gpu`.
+
+    `flush_check=False` skips the second allocator replay that asks whether a run whose cache does not fit
+    would still run by flushing it (fit.py): the verdict is then "does not fit" for such a run (the
+    planner, which never recommends one, saves the replay)."""
     from dataclasses import asdict as _asdict
 
     if arch.family == "generic":  # a model_type without an explicit family: trace-derived (peftplan/generic.py)
@@ -105,8 +109,8 @@ def estimate(arch: ModelArch, method: str, training: Training, gpu: GPU,
                       flops.total, step_time, tokens_per_s, util, dtype,
                       dict(timing.breakdown) if timing else {}, timing.bound if timing else "")
     capacity = gpu.memory_bytes
-    verdict = fit_verdict(memory.device_total_bytes, capacity, env_high - env_low, mem.events, effective,
-                          context + nccl)
+    verdict = fit_verdict(memory.device_total_bytes, capacity, env_high - env_low,
+                          mem.events if flush_check else None, effective, context + nccl)
     if timing is not None:
         assumptions.append(f"step time: a roofline over the step's kernels on {gpu.name} ({timing.bound}-bound; "
                            f"{util:.0%} of the dense {dtype} peak in model FLOPs), constants in data/roofline.json")

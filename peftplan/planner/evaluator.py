@@ -156,6 +156,18 @@ class Evaluator:
         except MethodError:
             return False  # cannot run at all
 
+    def lower_bound(self, config: PlanConfig) -> int | None:
+        """The fast path's device total (allocated peak + CUDA context, a lower bound of estimate()'s), or
+        None where the fast path does not take this configuration."""
+        s = self._checked(config)
+        if not self._use_fast(s, config) or config.optimizer not in _FAST_OPTIMIZERS:
+            return None
+        try:
+            return _device_total(s.peak_at(config.micro_batch, config.seq_len, config.variant.rank or 0,
+                                           config.optimizer))
+        except _NotExact:
+            return None
+
     def searchable(self, config: PlanConfig) -> bool:
         """Fit verdicts are cheap for any micro-batch here: search beyond the grid."""
         s = self._checked(config)
@@ -191,7 +203,8 @@ class Evaluator:
         return PlanRow(config, peak, device_total, cap, device_total <= cap,
                        cap - device_total, flops, step_time, tokens_per_s, p.trainable, p.total, path="fast")
 
-    def estimate(self, config: PlanConfig, gpu: GPU) -> Estimate:
+    def estimate(self, config: PlanConfig, gpu: GPU, flush_check: bool = True) -> Estimate:
+        """estimate() of `config` (`flush_check=False`: see estimate(); for probes whose misses are dropped)."""
         try:
             training = config.training()
             if self.alloc_conf:
@@ -199,7 +212,7 @@ class Evaluator:
             if self.trainer != "hf":
                 training = training.with_(trainer=self.trainer, trainer_options=self.trainer_options)
             return estimate(self.arch, config.variant.method, training, gpu,
-                            _with_ckpt_options(config.variant, config.grad_ckpt).opts())
+                            _with_ckpt_options(config.variant, config.grad_ckpt).opts(), flush_check=flush_check)
         except TrainingError as exc:  # e.g. a paged optimizer with sharding: this setup cannot run
             raise MethodError(str(exc).splitlines()[0]) from None
 

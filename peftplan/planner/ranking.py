@@ -96,7 +96,7 @@ def rank_rows(rows: Sequence[PlanRow], objective: str) -> list[PlanRow]:
         raise ValueError(f"unknown objective {objective!r} (choose from quality, speed, cost)")
     out: list[PlanRow] = []
     for r in ordered:
-        row = replace(r, quality=quality[id(r)])
+        row = replace(r, quality=quality[id(r)], tie=False)  # a row ranked before (search.py ranks twice) loses its old tie
         if out and ties_with(out[-1], row, objective):
             row = replace(row, tie=True)
         out.append(row)

@@ -356,22 +356,55 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
 def _largest_exact_below(ev: Evaluator, gpu: GPU, row: PlanRow, taken: set[PlanConfig], tries: int = 4
                          ) -> tuple[PlanRow, Estimate] | None:
     """The largest micro-batch below `row`'s that fits by estimate()'s own verdict (with headroom), within
-    `tries` steps and not already a row: the fast search's lower bound can overshoot by a step or two."""
+    `tries` estimates and not already a row: the fast search's lower bound (allocated + context) can
+    overshoot by several steps at large micro-batches. The first probe is the largest micro-batch whose lower
+    bound plus `row`'s own reserved-over-allocated gap fits (the caching allocator's slack changes little
+    between neighbouring micro-batches); the probes then step down one at a time."""
     mb = row.config.micro_batch
-    for smaller in range(mb - 1, max(mb - 1 - tries, 0), -1):
-        cfg = replace(row.config, micro_batch=smaller)
-        if cfg in taken:
-            return None
-        try:
-            est = ev.estimate(cfg, gpu)
-        except MethodError:
-            return None
+    start = mb - 1
+    bound = ev.lower_bound(row.config)
+    if bound is not None and start > 1:
+        gap = max(0, row.device_total_bytes - bound)
+        lo, hi = 1, start
+        while lo < hi:  # the lower bound grows with the micro-batch
+            mid = (lo + hi + 1) // 2
+            b = ev.lower_bound(replace(row.config, micro_batch=mid))
+            if b is not None and b + gap <= gpu.memory_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        start = lo
+
+    def probe(micro_batch: int) -> tuple[PlanRow, Estimate] | None:
+        cfg = replace(row.config, micro_batch=micro_batch)
+        est = ev.estimate(cfg, gpu, flush_check=False)  # a probe that does not fit is dropped either way
         candidate = row_from_estimate(cfg, est)
         if row.train_time_s and row.tokens_per_s and candidate.tokens_per_s:
             # the same tokens at this configuration's speed (ranking._with_cost): time and cost scale alike
             scale = row.tokens_per_s / candidate.tokens_per_s
             candidate = replace(candidate, train_time_s=row.train_time_s * scale,
                                 train_cost_usd=None if row.train_cost_usd is None else row.train_cost_usd * scale)
-        if candidate.fits and candidate.headroom_bytes >= 0:
-            return candidate, est
+        return (candidate, est) if candidate.fits and candidate.headroom_bytes >= 0 else None
+
+    left = tries
+    for smaller in range(start, max(start - tries, 0), -1):
+        if replace(row.config, micro_batch=smaller) in taken:
+            return None
+        try:
+            found = probe(smaller)
+            left -= 1
+            if found is None:
+                continue
+            # the gap may be smaller at smaller micro-batches: the ones above the first that fits, while they fit
+            for larger in range(smaller + 1, mb):
+                if left <= 0 or replace(row.config, micro_batch=larger) in taken:
+                    break
+                better = probe(larger)
+                left -= 1
+                if better is None:
+                    break
+                found = better
+            return found
+        except MethodError:
+            return None
     return None
