@@ -421,15 +421,10 @@ class _Structure:
 
     def state_bytes(self, optimizer: str, r: int) -> int:
         """Optimizer state on the device: engine/optimizers.py tensor_cost over the trainable tensors."""
-        from ..engine.optimizers import tensor_cost
-
         key = (optimizer, r)
         got = self._state.get(key)
         if got is None:
-            if optimizer not in _FAST_OPTIMIZERS:
-                raise _NotExact(f"optimizer {optimizer} is not on the fast path")
-            got = sum(tensor_cost(optimizer, "fused", c[0] + c[3] * r, dtype, None).state_bytes
-                      for c, dtype in self.trainables)
+            got = state_over(optimizer, self.trainables_at(r))
             if optimizer == "adamw":
                 d, e = _split_eval(self.state_poly, _monomials(0, r))
                 if e or d != got:
@@ -486,3 +481,13 @@ class _Structure:
 
 
 _FAST_OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit")
+
+
+def state_over(optimizer: str, trainables: list[tuple[int, Any]]) -> int:
+    """Device bytes of `optimizer`'s state (fused implementation) over (numel, dtype) trainable tensors
+    (engine/optimizers.py tensor_cost), or _NotExact for an optimizer the fast path does not take."""
+    from ..engine.optimizers import tensor_cost
+
+    if optimizer not in _FAST_OPTIMIZERS:
+        raise _NotExact(f"optimizer {optimizer} is not on the fast path")
+    return sum(tensor_cost(optimizer, "fused", n, dtype, None).state_bytes for n, dtype in trainables)

@@ -38,47 +38,20 @@ def timeline_candidates(events: list[tuple[Any, ...]], not_exact: type):  # type
     """Candidates for the peak before / after the optimizer state appears, the state, the trainables.
 
     Allocations only add and frees only subtract, so the running total can only peak at the last
-    event before a free, at a spike, or at the end: those are the candidates. The optimizer
-    state's own add is left out of the running total (the caller adds the state of the optimizer
-    it evaluates). The recording of every block (replay._record_step's fallback) takes this; `not_exact`:
-    replay._NotExact.
+    event before a free, at a spike, or at the end: those are the candidates (`_local`'s walk). The
+    optimizer state's own add is left out of the running total (the caller adds the state of the
+    optimizer it evaluates). The recording of every block (replay._record_step's fallback) takes this;
+    `not_exact`: replay._NotExact.
     """
-    cur = 0
-    rising = False
-    pre: list[int] = []
-    post: list[int] = []
-    state_val: int | None = None
-    trainables: list[tuple[int, Any]] = []
-    for ev in events:
-        kind = ev[0]
-        if kind == _NEW:
-            t = ev[1]
-            if state_val is None and ev[2] == "trainable_params":
-                trainables.append((t.numel, t.dtype))
-            cur += t.nbytes
-            rising = True
-        elif kind == _FREE:
-            if rising:
-                (post if state_val is not None else pre).append(cur)
-            cur -= ev[1].nbytes
-            rising = False
-        elif kind == _ADD:
-            if ev[2] == "optimizer_state":
-                if state_val is not None:
-                    raise not_exact("optimizer state added twice")
-                state_val = ev[1]
-                continue
-            cur += ev[1]
-            rising = True
-        else:
-            _, nbytes, phase = ev
-            if phase.startswith("optimizer") and nbytes:
-                raise not_exact("the optimizer step allocates scratch")
-            (post if state_val is not None else pre).append(cur + nbytes)
-    (post if state_val is not None else pre).append(cur)
-    if state_val is None:
+    adds = [i for i, ev in enumerate(events) if ev[0] == _ADD and ev[2] == "optimizer_state"]
+    if not adds:
         raise not_exact("no optimizer state was recorded")
-    return pre, post, state_val, trainables
+    if len(adds) > 1:
+        raise not_exact("optimizer state added twice")
+    before, after = _local(events[:adds[0]]), _local(events[adds[0] + 1:])
+    if before.optimizer_scratch or after.optimizer_scratch:
+        raise not_exact("the optimizer step allocates scratch")
+    return list(before.cands), [before.delta + c for c in after.cands], events[adds[0]][1], list(before.trainables)
 
 
 @dataclass(frozen=True)

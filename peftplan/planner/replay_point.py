@@ -20,7 +20,7 @@ from ..engine import roofline
 from ..estimate import count_params
 from ..methods import MethodError
 from ..training import Training, TrainingError
-from .replay import _FAST_OPTIMIZERS, _NotExact, _record_step
+from .replay import _NotExact, _record_step, state_over
 from .space import Variant
 
 
@@ -137,18 +137,14 @@ class _PointStructure:
         return got
 
     def state_bytes(self, optimizer: str, r: int) -> int:
-        from ..engine.optimizers import tensor_cost
-
+        """Optimizer state on the device over the trainable tensors (replay.state_over), AdamW's checked
+        against the state the recording added."""
         key = (optimizer, r)
         got = self._state.get(key)
         if got is None:
-            if optimizer not in _FAST_OPTIMIZERS:
-                raise _NotExact(f"optimizer {optimizer} is not on the fast path")
-            got = sum(tensor_cost(optimizer, "fused", n, dtype, None).state_bytes for n, dtype in self.trainables_at(r))
-            if optimizer == "adamw" and self._points:
-                recorded = next(p[2] for (_, _, rr), p in self._points.items() if rr == r) \
-                    if any(rr == r for (_, _, rr) in self._points) else got
-                if recorded != got:
-                    raise _NotExact("the recomputed optimizer state disagrees with the recorded step")
+            got = state_over(optimizer, self.trainables_at(r))
+            recorded = [p[2] for (_, _, rr), p in self._points.items() if rr == r]
+            if optimizer == "adamw" and recorded and recorded[0] != got:
+                raise _NotExact("the recomputed optimizer state disagrees with the recorded step")
             self._state[key] = got
         return got
