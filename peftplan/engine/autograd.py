@@ -310,26 +310,17 @@ class Tape:
             if (node.name in _PASSTHROUGH or node.name in _GRAD_INTO_OUTPUT_GRAD) and len(node.outputs) == 1:
                 passthrough = self.grads.get(id(node.outputs[0]))
             into_saved = node.name in _GRAD_INTO_SAVED and len(node.saved) == len(node.inputs)
-            # gradients MulBackward0 returns in another shape or dtype than its input's, fixed up by the autograd
-            # engine after the node's apply returns (see validate_outputs below)
-            unvalidated: list[tuple[Tensor, Tensor]] = []
+            unvalidated: list[tuple[Tensor, Tensor]] = []  # MulBackward0 gradients validate_outputs fixes up
             for k, inp in enumerate(node.inputs):
                 if into_saved:
                     self._grad_for(inp, node.saved[k])
                     continue
-                if node.name == "mul" and id(inp) not in self.leaf_params and (
-                        inp.numel < node.outputs[0].numel
-                        or (inp.dtype != node.outputs[0].dtype and inp.numel == node.outputs[0].numel)):
-                    # derivatives.yaml mul: `self: mul_tensor_backward(grad, other, self.scalar_type())`
-                    # (FunctionsManual.cpp: `grad * other.conj()`, neither reduced nor cast). The operand's
-                    # gradient is the full-size product in the output's dtype: a promoted operand (gelu_new's
-                    # fp16 `0.5 * x` times the fp32 `1 + tanh` under autocast; IA3's fp16 base output times its
-                    # fp32 vector) gets a wide gradient, a broadcast one (IA3 vector, norm weight) a full-size
-                    # one. Both stay alive until the node returns. Seen in the CPU trace: -2.9% on gpt2
-                    # P-tuning, eager, fp16-mixed, TRL, checkpointing (fuzz seed 20261202); -0.4% to -3.9% on
-                    # IA3 over SmolLM3 / Qwen3 (ia3-modern-mlp-backward, fuzz seed 20261202)
-                    unvalidated.append((inp, self.alloc.new(node.outputs[0].numel, node.outputs[0].dtype,
-                                                            "temporaries")))
+                o = node.outputs[0]
+                if node.name == "mul" and id(inp) not in self.leaf_params and (inp.numel < o.numel or (
+                        inp.dtype != o.dtype and inp.numel == o.numel)):
+                    # derivatives.yaml mul: `grad * other` (FunctionsManual.cpp), full size in the output's dtype, for a
+                    # promoted operand (fp16 by fp32: gelu_new, IA3's base output) or a broadcast one (the IA3 vector)
+                    unvalidated.append((inp, self.alloc.new(o.numel, o.dtype, "temporaries")))
                     continue
                 ok = passthrough is not None and passthrough.alive and inp.numel == node.outputs[0].numel \
                     and inp.dtype == node.outputs[0].dtype
@@ -343,20 +334,11 @@ class Tape:
                 if k == 0:
                     scratch += node.backward_scratch
                 self._grad_for(inp, passthrough if ok else None, scratch)
-            # torch/csrc/autograd/engine.cpp: evaluate_function -> call_function runs the node's apply, then
-            # validate_outputs, and returns (its `inputs`, the incoming gradients, die then); release_variables
-            # frees the saved tensors after that. Under non-reentrant checkpointing the saved tensors come from
-            # the recompute through the unpack hook, which drops the frame's reference
-            # (torch/utils/checkpoint.py `_checkpoint_hook.unpack_hook`: `holder.handles[gid] = None`), so they
-            # die with apply's locals, before validate_outputs. Traced (fake tensors, CPU): gpt2's gelu_new mul
-            # (checkpointed) frees its saved operands before the cast; IA3's `result * ia3_scaling` without
-            # checkpointing frees the incoming gradient, then the saved base output, after the cast.
-            early = node.group is not None
-            if early:
-                for t in node.saved:
-                    self.alloc.release(t)
-            # validate_outputs, input by input: a gradient whose shape differs is reduced (`at::sum_to`), one
-            # whose dtype differs is cast (`grad.to(metadata.dtype)`); the replaced one dies at once
+            # torch/csrc/autograd/engine.cpp call_function: apply, validate_outputs (per input `at::sum_to`, `grad.to`;
+            # the replaced gradient dies), return (the incoming ones die), release_variables (the saved ones die); a
+            # checkpointed layer's saved tensors die with apply's locals (torch/utils/checkpoint.py unpack_hook).
+            for t in node.saved if node.group is not None else ():
+                self.alloc.release(t)
             for inp, full in unvalidated:
                 self._grad_for(inp)
                 self.alloc.release(full)
@@ -364,9 +346,8 @@ class Tape:
                 gr = self.grads.pop(id(out), None)
                 if gr is not None:
                     self.alloc.release(gr)
-            if not early:
-                for t in node.saved:
-                    self.alloc.release(t)
+            for t in node.saved if node.group is None else ():
+                self.alloc.release(t)
             self._finish_sums()
             if g is not None and g.saving_nodes and node is g.saving_nodes[0]:
                 for t in g.keep:  # the last holder of the layer is gone: the frame and its args die
