@@ -310,19 +310,17 @@ class Tape:
             if (node.name in _PASSTHROUGH or node.name in _GRAD_INTO_OUTPUT_GRAD) and len(node.outputs) == 1:
                 passthrough = self.grads.get(id(node.outputs[0]))
             into_saved = node.name in _GRAD_INTO_SAVED and len(node.saved) == len(node.inputs)
-            widened: list[tuple[Tensor, Tensor]] = []
+            unvalidated: list[tuple[Tensor, Tensor]] = []  # MulBackward0 gradients validate_outputs fixes up
             for k, inp in enumerate(node.inputs):
                 if into_saved:
                     self._grad_for(inp, node.saved[k])
                     continue
-                if node.name == "mul" and inp.dtype != node.outputs[0].dtype and inp.numel == node.outputs[0].numel \
-                        and id(inp) not in self.leaf_params:
-                    # a promoted operand (gelu_new's fp16 `0.5 * x` times the fp32 `1 + tanh` under autocast):
-                    # MulBackward0 computes its gradient `grad * other` in the output's dtype, and the autograd
-                    # engine casts it to the operand's dtype only after the node returns and its incoming
-                    # gradient is freed (torch/csrc/autograd/engine.cpp validate_outputs). Seen in the CPU trace:
-                    # -2.9% on gpt2 P-tuning, eager, fp16-mixed, TRL, checkpointing (fuzz seed 20261202)
-                    widened.append((inp, self.alloc.new(inp.numel, node.outputs[0].dtype, "temporaries")))
+                o = node.outputs[0]
+                if node.name == "mul" and id(inp) not in self.leaf_params and (inp.numel < o.numel or (
+                        inp.dtype != o.dtype and inp.numel == o.numel)):
+                    # derivatives.yaml mul: `grad * other` (FunctionsManual.cpp), full size in the output's dtype, for a
+                    # promoted operand (fp16 by fp32: gelu_new, IA3's base output) or a broadcast one (the IA3 vector)
+                    unvalidated.append((inp, self.alloc.new(o.numel, o.dtype, "temporaries")))
                     continue
                 ok = passthrough is not None and passthrough.alive and inp.numel == node.outputs[0].numel \
                     and inp.dtype == node.outputs[0].dtype
@@ -331,21 +329,25 @@ class Tape:
                 # exponent are two input-sized temporaries alive while the input's gradient is written
                 scratch = 2 * _nbytes(inp) if node.name == "pow" else 0
                 if node.name == "mul" and inp.numel < node.outputs[0].numel:
-                    # a broadcast operand (IA3 vector, norm weight): mul_tensor_backward computes the full-size
-                    # product `grad * other`, then sum_to_size reduces it (derivatives.yaml mul, FunctionsManual.cpp)
+                    # a broadcast leaf (a norm weight used directly): the full-size product, then sum_to
                     scratch = _nbytes(node.outputs[0])
                 if k == 0:
                     scratch += node.backward_scratch
                 self._grad_for(inp, passthrough if ok else None, scratch)
-            for t in node.saved:
+            # torch/csrc/autograd/engine.cpp call_function: apply, validate_outputs (per input `at::sum_to`, `grad.to`;
+            # the replaced gradient dies), return (the incoming ones die), release_variables (the saved ones die); a
+            # checkpointed layer's saved tensors die with apply's locals (torch/utils/checkpoint.py unpack_hook).
+            for t in node.saved if node.group is not None else ():
                 self.alloc.release(t)
+            for inp, full in unvalidated:
+                self._grad_for(inp)
+                self.alloc.release(full)
             for out in node.outputs:
                 gr = self.grads.pop(id(out), None)
                 if gr is not None:
                     self.alloc.release(gr)
-            for inp, wide in widened:  # validate_outputs: `grad.to(input dtype)`, then the wide one dies
-                self._grad_for(inp)
-                self.alloc.release(wide)
+            for t in node.saved if node.group is None else ():
+                self.alloc.release(t)
             self._finish_sums()
             if g is not None and g.saving_nodes and node is g.saving_nodes[0]:
                 for t in g.keep:  # the last holder of the layer is gone: the frame and its args die

@@ -254,7 +254,13 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
             tape.drop(gu)
         elif "gate" in lps:
             gate = tuned_linear(ctx, x, lps["gate"])
-            up = tuned_linear(ctx, x, lps["up"])
+            # `self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))` (modeling_llama.py LlamaMLP and
+            # every gated MLP of these families; T5DenseGatedActDense: `act(wi_0(h))` before `wi_1(h)`): the
+            # activation runs before up_proj, so up_proj's forward temporaries meet the activation's output, and
+            # backward (highest sequence number first, torch/csrc/autograd/engine.cpp ReadyQueue) runs up_proj's
+            # nodes while the activation's saved input and its incoming gradient are alive. Liger's fused GLU
+            # takes both projections.
+            up = tuned_linear(ctx, x, lps["up"]) if "glu" in ctx.kernels else None
         else:
             gate, up = tuned_linear(ctx, x, lps["up"]), None
         if "glu" in ctx.kernels and up is not None and "gate" in lps:  # a trainer's fused kernel (engine/liger.py)
@@ -271,6 +277,8 @@ def _block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tensor, bp:
         else:
             act = elementwise(ctx, "act", gate)  # silu / gelu / bloom GeLUFunction save their input
         tape.drop(gate)
+        if up is None and "gate" in lps and "glu" not in ctx.kernels:
+            up = tuned_linear(ctx, x, lps["up"])
         if up is not None:
             prod = mul(ctx, act, up)
             tape.drop(act, up)

@@ -108,14 +108,19 @@ def modern_block_forward(ctx: Ctx, arch: ModelArch, training: Training, h: Tenso
         m = fused_mlp  # Unsloth's LoRA_MLP (engine/unsloth_lora.py)
     else:
         gate = tuned_linear(ctx, x, lps["gate"])
-        up = tuned_linear(ctx, x, lps["up"])
         if "glu" in ctx.kernels:  # a trainer's fused kernel (engine/liger.py)
             from .liger import glu
+            up = tuned_linear(ctx, x, lps["up"])
             prod = glu(ctx, gate, up)
             tape.drop(gate, up)
         else:
+            # `self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))` (modeling_smollm3.py /
+            # modeling_qwen3.py MLP.forward): the activation runs before up_proj, so its node is older and
+            # backward (highest sequence number first, torch/csrc/autograd/engine.cpp ReadyQueue) runs up_proj's
+            # nodes while the activation's saved input and incoming gradient are still alive
             act = elementwise(ctx, "act", gate)  # silu / gelu_pytorch_tanh save their input
             tape.drop(gate)
+            up = tuned_linear(ctx, x, lps["up"])
             prod = mul(ctx, act, up)
             tape.drop(act, up)
         m = tuned_linear(ctx, prod, lps["down"])

@@ -134,28 +134,6 @@ KNOWN_DEVIATIONS: tuple[KnownDeviation, ...] = (
         lambda c: c.method == "qlora" and c.options.get("quant") == "int8",
     ),
     KnownDeviation(
-        "ia3-modern-mlp-backward",
-        "IA3 (all-linear, which the engine picks when peft has no IA3 default for the model_type) on the 2025 "
-        "families' program (SmolLM3, Qwen3: engine/program_modern.py): the trace's peak is in the MLP's backward, "
-        "where the fp16 gradients of the (B, T, intermediate) activations meet the fp32 IA3 vectors (a 37.6 MB "
-        "`_to_copy` to fp32 and two fp32 `mul`s alive at once on smollm3 b2 s427) and the engine keeps fewer; "
-        "under the hf trainer the logits peak hides it, llama-family models with the same targets are exact; "
-        "undiagnosed (found 2026-12-02 after the all-linear fallback made these cases comparable)",
-        "-1.0% to -2.1% (smollm3-3b 1 layer b1-2 s427 fp16 TRL checkpointing, qwen3-0.6b 3 layers; fuzz seed "
-        "20261202), -3.9% on the same smollm3 case without checkpointing",
-        lambda c: c.method == "ia3" and c.model in ("smollm3-3b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"),
-    ),
-    KnownDeviation(
-        "lora-fp32-adapter-recompute",
-        "LoRA in pure half precision under TRL with checkpointing: the adapter stays fp32 (peft autocast_adapter_dtype), "
-        "so the checkpoint recompute of a wide target (up_proj) holds lora_B's fp32 output and its scaled fp32 copy "
-        "(2 x 14.4 MB at T=440, I=8192) where the trace's peak sits; the engine's peak there is one bf16 (T x I) "
-        "tensor (7.2 MB) lower; undiagnosed beyond that",
-        "-1.002% (llama3.2-1b, 1 layer, r=1 up_proj, bf16, b1 s440; fuzz seed 2219054321, 2026-12-02)",
-        lambda c: c.method == "lora" and _t(c, "precision") in ("bf16", "fp16") and bool(_t(c, "grad_ckpt"))
-        and _t(c, "trainer") == "trl",
-    ),
-    KnownDeviation(
         "gpt2-family-dropout",
         "GPT-2 with dropout in the embedding, attention and residual paths: the engine keeps fewer tensors than "
         "the trace around the embedding dropout and the checkpointed layers' inputs (undiagnosed). Under TRL "
