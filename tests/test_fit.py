@@ -136,3 +136,18 @@ def test_paged_optimizer_pages_only_tensors_of_1e5_elements_or_more():
         large = tensor_cost(opt, "fused", BNB_PAGED_MIN_NUMEL, FP32, None)
         assert small.paged_bytes == 0 and small.state_bytes > 0 and sum(small.parts) == small.state_bytes
         assert large.paged_bytes > 0 and large.state_bytes < small.state_bytes
+
+
+def test_a_requested_peak_over_the_limit_is_out_of_memory_without_the_second_replay():
+    """fit_verdict skips its limited replay when the timeline's requested peak (round_size's sizes) is over the
+    limit: the replay under that limit must indeed run out of memory, and just above the peak it need not."""
+    from peftplan.fit import _peak_requested
+
+    arch = load_model("llama3.2-1b")
+    for method in ("full", "lora", "qlora"):
+        tuned, _ = build_tuned(arch, method, None, TR)
+        events = simulate_step(tuned, TR).events
+        peak = _peak_requested(events)
+        assert peak == replay(events).peak_requested_bytes
+        assert replay(events, limit_bytes=peak - 2**20).out_of_memory
+        assert not fit_verdict(peak - 2**20 + 1, peak - 2**20, 0, events, TR).fits
