@@ -474,3 +474,31 @@ def test_cpu_fsdp2_under_torchrun_end_to_end(torch_mod, tmp_path, monkeypatch):
     while _live_processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _live_processes_mentioning(str(tmp_path))  # no rank outlived its torchrun
+
+
+def test_a_configurations_alloc_conf_reaches_its_child_process(tmp_path, monkeypatch):
+    """`training: {alloc_conf: ...}` runs that configuration under PYTORCH_CUDA_ALLOC_CONF (check.py replays the
+    allocator with the conf the record holds), with its own file name; the others run under the sweep's env."""
+    import peftplan.harness.sweep as sweep_mod
+    from rich.console import Console
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    seen = []
+
+    def fake_child(spec, timeout_s, env=None, nproc=1):  # type: ignore[no-untyped-def]
+        seen.append((spec["label"], (env or {}).get("PYTORCH_CUDA_ALLOC_CONF")))
+        return 1, "", "not run", False
+
+    monkeypatch.setattr(sweep_mod, "run_child", fake_child)
+    path = write_sweep(tmp_path, """\
+        - models: [tiny-llama]
+          methods: [lora]
+        - models: [tiny-llama]
+          methods: [lora]
+          training: {alloc_conf: "expandable_segments:True"}
+        """)
+    sw = load_sweep(str(path), device="cpu")
+    assert len({c.stem for c in sw.runnable}) == 2
+    run_sweep(sw, tmp_path / "out", device="cpu", timeout_s=5, console=Console(file=open(os.devnull, "w")))
+    assert [conf for _, conf in seen] == [None, "expandable_segments:True"]
+    assert "alloc expandable_segments:True" in seen[1][0]

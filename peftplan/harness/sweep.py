@@ -200,7 +200,10 @@ def _run_one(cfg: RunConfig, key: str, sweep: Sweep, out_dir: Path, device: str,
         spec["pg_timeout_s"] = max(30.0, min(600.0, timeout_s / 2))
     t = time.monotonic()
     try:
-        rc, out, err, timed_out = run_child(spec, timeout_s, nproc=ranks)
+        env = None
+        if cfg.training.get("alloc_conf"):  # the configuration's own PYTORCH_CUDA_ALLOC_CONF (engine/alloc_conf.py)
+            env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=str(cfg.training["alloc_conf"]))
+        rc, out, err, timed_out = run_child(spec, timeout_s, env=env, nproc=ranks)
         seconds = time.monotonic() - t
         result = parse_child_output(out) or {}
         status = result.get("outcome")

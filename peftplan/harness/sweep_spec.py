@@ -86,6 +86,8 @@ class RunConfig:
             parts.append(f"{t['shard']}-x{t['n_gpus']}")
         if t.get("trainer", "hf") != "hf":
             parts.append(str(t["trainer"]))
+        if t.get("alloc_conf"):  # PYTORCH_CUDA_ALLOC_CONF of the run (sweep.py passes it to the child)
+            parts.append(str(t["alloc_conf"]))
         return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(str(p) for p in parts)).strip("-")
 
     def key(self, device: str, capacity_bytes: int | None = None) -> str:
@@ -332,6 +334,8 @@ def _label(rc: RunConfig) -> str:
         bits.append(f"{t['shard']} x{t['n_gpus']}")
     if t.get("trainer", "hf") != "hf":
         bits.append(f"trainer {t['trainer']}")
+    if t.get("alloc_conf"):
+        bits.append(f"alloc {t['alloc_conf']}")
     return " ".join(str(b) for b in bits)
 
 
