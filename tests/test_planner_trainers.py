@@ -13,14 +13,16 @@ from peftplan.planner import DEFAULT_METHODS, OPTIMIZERS, Evaluator, PlanConfig,
 from peftplan.trainers import TrainerError
 
 
-@pytest.mark.parametrize("model,trainer,seed", [("llama3.2-1b", "trl", 1), ("qwen2.5-0.5b", "unsloth", 2),
-                                                ("llama3.2-1b", "llamafactory", 3), ("gpt2", "trl", 4)])
-def test_point_rows_equal_estimate_under_the_trainer(model: str, trainer: str, seed: int) -> None:
+@pytest.mark.parametrize("model,trainer,switches,seed", [
+    ("llama3.2-1b", "trl", (), 1), ("qwen2.5-0.5b", "unsloth", (), 2), ("llama3.2-1b", "llamafactory", (), 3),
+    ("gpt2", "trl", (), 4), ("llama3.2-1b", "hf", ("liger",), 5), ("qwen2.5-0.5b", "trl", ("activation_offloading",), 6)])
+def test_point_rows_equal_estimate_under_the_trainer(model: str, trainer: str, switches: tuple[str, ...],
+                                                     seed: int) -> None:
     rng = random.Random(seed)
     arch = load_model(model)
     gpus = [load_gpu("a100-80g"), load_gpu("t4")]
     ev = Evaluator(arch, ranks=(8, 16))
-    ev.trainer = trainer
+    ev.trainer, ev.trainer_options = trainer, switches
     variants = [v for m in DEFAULT_METHODS for v in variants_for(m, (8, 16))]
     compared = 0
     for _ in range(14):

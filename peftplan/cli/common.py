@@ -62,6 +62,8 @@ KBIT_PREP_OPTION = typer.Option(None, "--kbit-prep/--no-kbit-prep", help="qlora:
 METHOD_OPTION = typer.Option(None, "--method", help=METHOD_HELP + " (default lora)")
 OPTIMIZER_OPTION = typer.Option(None, "--optimizer", help="adamw (default), adamw-8bit, paged-adamw, paged-adamw-8bit, sgd, sgd-momentum, adafactor, lion")
 OPTIMIZER_IMPL_OPTION = typer.Option(None, "--optimizer-impl", help="fused (default), foreach, for-loop")
+LIGER_OPTION = typer.Option(None, "--liger", help="hf / llamafactory: Liger kernels (use_liger_kernel: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); trl: the layer kernels only; modelled from source")
+ACTIVATION_OFFLOADING_OPTION = typer.Option(None, "--activation-offloading", help="trl: SFTConfig.activation_offloading (saved activations in host memory), modelled from source")
 PACKING_OPTION = typer.Option(None, "--packing", help="trl: SFTConfig.packing (same per-step shapes)")
 PADDING_FREE_OPTION = typer.Option(None, "--padding-free", help="trl: SFTConfig.padding_free (same tokens per step)")
 QUANT_OPTION = typer.Option(None, "--quant", help="qlora base: nf4 (default), fp4, int8")

@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import typer
 
-from .common import (ADAPTER_KIND_OPTION, ADAPTER_SIZE_OPTION, ALLOC_CONF_OPTION, ALPHA_OPTION, AS_JSON_OPTION,
-                     DOUBLE_QUANT_OPTION, DROPOUT_OPTION, GPU_OPTION, GRAD_ACCUM_OPTION, KBIT_PREP_OPTION,
+from .common import (ACTIVATION_OFFLOADING_OPTION, ADAPTER_KIND_OPTION, ADAPTER_SIZE_OPTION, ALLOC_CONF_OPTION,
+                     ALPHA_OPTION, AS_JSON_OPTION, DOUBLE_QUANT_OPTION, LIGER_OPTION, DROPOUT_OPTION, GPU_OPTION, GRAD_ACCUM_OPTION, KBIT_PREP_OPTION,
                      METHOD_OPTION, OPTIMIZER_OPTION, PACKING_OPTION, PADDING_FREE_OPTION, QUANT_OPTION,
                      RANK_OPTION, TRAINER_OPTION, _fail, _guard, _method_options, _trainer_options, _training)
 
@@ -45,8 +45,8 @@ def estimate(
     trainer: Optional[str] = TRAINER_OPTION,
     packing: Optional[bool] = PACKING_OPTION,
     padding_free: Optional[bool] = PADDING_FREE_OPTION,
-    liger: Optional[bool] = typer.Option(None, "--liger", help="hf / llamafactory: Liger kernels (use_liger_kernel: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE); trl: the layer kernels only; modelled from source"),
-    activation_offloading: Optional[bool] = typer.Option(None, "--activation-offloading", help="trl: SFTConfig.activation_offloading (saved activations in host memory), modelled from source"),
+    liger: Optional[bool] = LIGER_OPTION,
+    activation_offloading: Optional[bool] = ACTIVATION_OFFLOADING_OPTION,
     chunked_ce: Optional[bool] = typer.Option(None, "--chunked-ce", help="hf: axolotl chunked_cross_entropy, modelled from source"),
     as_json: bool = AS_JSON_OPTION,
     explain: bool = typer.Option(False, "--explain", help="show each term's formula with the numbers substituted"),

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from .common import (ALLOC_CONF_OPTION, AS_JSON_OPTION, GPU_OPTION, TRAINER_OPTION, _fail, _guard, _ints,
-                     _output_path, _split, parse_count)
+from .common import (ACTIVATION_OFFLOADING_OPTION, ALLOC_CONF_OPTION, AS_JSON_OPTION, GPU_OPTION, LIGER_OPTION,
+                     TRAINER_OPTION, _fail, _guard, _ints, _output_path, _split, _trainer_options, parse_count)
 
 
 def _alloc_conf(text: str | None) -> str:
@@ -49,6 +49,8 @@ def plan(
     as_json: bool = AS_JSON_OPTION,
     alloc_conf: Optional[str] = ALLOC_CONF_OPTION,
     trainer: Optional[str] = TRAINER_OPTION,
+    liger: Optional[bool] = LIGER_OPTION,
+    activation_offloading: Optional[bool] = ACTIVATION_OFFLOADING_OPTION,
 ) -> None:
     """Search methods x quantization x rank x targets x micro-batch x checkpointing x attention x optimizer: what fits, ranked by --objective."""
 
@@ -88,6 +90,7 @@ def plan(
                           methods=method_list, ranks=rank_list, micro_batches=batch_list, shard=shard,
                           alloc_conf=_alloc_conf(alloc_conf),
                           trainer=default_trainer_for(arch, trainer) or CLI_DEFAULT_TRAINER,
+                          trainer_options=_trainer_options(liger=liger, activation_offloading=activation_offloading),
                           targets=target_list, objective=objective, global_batch=global_batch)
         if html_path is not None:
             from ..planner.report import write_plan_html

@@ -48,6 +48,11 @@ class Evaluator:
         self.trainer_options: tuple[str, ...] = ()
         self._point_structures: list[tuple[tuple[Any, ...], Any, int]] = []  # (disk key, structure, points on load)
 
+    @property
+    def point_wise(self) -> bool:
+        """A trainer other than the bare step, or the bare step with switches (e.g. --liger): recorded per point."""
+        return self.trainer != "hf" or bool(self.trainer_options)
+
     def persist(self) -> None:
         """Write the point structures that recorded new points to the disk cache (planner/cache.py), so a
         second plan of the same model under the same trainer is warm."""
@@ -76,7 +81,7 @@ class Evaluator:
             return hit[1]
         if len(_STRUCT_CACHE) >= _STRUCT_CACHE_MAX:
             _STRUCT_CACHE.clear()
-        if self.trainer != "hf":
+        if self.point_wise:
             from .replay_point import _PointStructure
 
             point_key = (base, ranks, grad_ckpt, attention, precision, accumulate, self.trainer, self.trainer_options)
@@ -209,7 +214,7 @@ class Evaluator:
             training = config.training()
             if self.alloc_conf:
                 training = training.with_(alloc_conf=self.alloc_conf)
-            if self.trainer != "hf":
+            if self.point_wise:
                 training = training.with_(trainer=self.trainer, trainer_options=self.trainer_options)
             return estimate(self.arch, config.variant.method, training, gpu,
                             _with_ckpt_options(config.variant, config.grad_ckpt).opts(), flush_check=flush_check)

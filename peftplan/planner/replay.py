@@ -109,46 +109,70 @@ def _recorder_mixin(events: list[tuple[Any, ...]], classes: dict[tuple[int, int]
 
     class _Recorder:
         _in_spike = False
+        _depth = 0  # inside one of the methods below (their own totals are recorded as their events)
+        _expect = 0  # the running total the recorded events account for
 
-        def _note(self) -> None:  # peaks of encoded sizes mean nothing; the planner computes its own
-            pass
+        def _note(self) -> None:
+            # Peaks of encoded sizes mean nothing (the planner computes its own); a total changed by code that
+            # bypasses the methods below (engine/offload.py `_revive` brings a host copy back) is recorded here.
+            if not self._depth and self.total != self._expect:  # type: ignore[attr-defined]
+                events.append((_ADD, self.total - self._expect, "untracked"))  # type: ignore[attr-defined]
+                self._expect = self.total  # type: ignore[attr-defined]
 
         def new(self, numel, dtype, category, requires_grad=False, label="", count=1):  # type: ignore[no-untyped-def]
-            t = super().new(numel, dtype, category, requires_grad, label, count)  # type: ignore[misc]
-            if numel >= _Q:
-                bits = dtype.bits
-                if bits % 8:
-                    raise _NotExact("a sub-byte tensor's size depends on the batch")
-                key = (numel, bits)
-                cls = classes.get(key)
-                if cls is None:
-                    cls = classes[key] = len(classes)
-                exact = numel * bits // 8 * count + (count << (_DIGIT * (_NPOLY + cls)))
-                delta = exact - t.nbytes
-                t.nbytes = exact
-                self.total += delta  # type: ignore[attr-defined]
-                self.by_category[category] += delta  # type: ignore[attr-defined]
-            events.append((_NEW, t, category))
+            self._depth += 1
+            try:
+                t = super().new(numel, dtype, category, requires_grad, label, count)  # type: ignore[misc]
+                if numel >= _Q:
+                    bits = dtype.bits
+                    if bits % 8:
+                        raise _NotExact("a sub-byte tensor's size depends on the batch")
+                    key = (numel, bits)
+                    cls = classes.get(key)
+                    if cls is None:
+                        cls = classes[key] = len(classes)
+                    exact = numel * bits // 8 * count + (count << (_DIGIT * (_NPOLY + cls)))
+                    delta = exact - t.nbytes
+                    t.nbytes = exact
+                    self.total += delta  # type: ignore[attr-defined]
+                    self.by_category[category] += delta  # type: ignore[attr-defined]
+                events.append((_NEW, t, category))
+            finally:
+                self._depth -= 1
+                self._expect = self.total  # type: ignore[attr-defined]
             return t
 
         def release(self, t):  # type: ignore[no-untyped-def]
             if t is None or not t.alive:
                 return
-            super().release(t)  # type: ignore[misc]
-            if not t.alive:
-                events.append((_FREE, t))
+            self._depth += 1
+            try:
+                super().release(t)  # type: ignore[misc]
+                if not t.alive:
+                    events.append((_FREE, t))
+            finally:
+                self._depth -= 1
+                self._expect = self.total  # type: ignore[attr-defined]
 
         def add_bytes(self, nbytes, category):  # type: ignore[no-untyped-def]
-            super().add_bytes(nbytes, category)  # type: ignore[misc]
-            if not self._in_spike:
-                events.append((_ADD, nbytes, category))
+            self._depth += 1
+            try:
+                super().add_bytes(nbytes, category)  # type: ignore[misc]
+                if not self._in_spike:
+                    events.append((_ADD, nbytes, category))
+            finally:
+                self._depth -= 1
+                self._expect = self.total  # type: ignore[attr-defined]
 
         def spike(self, nbytes, category="temporaries"):  # type: ignore[no-untyped-def]
             self._in_spike = True
+            self._depth += 1
             try:
                 super().spike(nbytes, category)  # type: ignore[misc]
             finally:
                 self._in_spike = False
+                self._depth -= 1
+                self._expect = self.total  # type: ignore[attr-defined]
             events.append((_SPIKE, nbytes, self.phase))  # type: ignore[attr-defined]
 
     return _Recorder
@@ -196,7 +220,7 @@ def _record_step(model: Any, training: Training, flop_counter: Any = None) -> _R
             mem = step_mod.simulate_step(model, training, flop_counter=flop_counter, extrapolate=False)
         finally:
             step_mod.Allocator = saved  # type: ignore[assignment]
-    return _Recording(*timeline_candidates(events, _NotExact), classes,
+    return _Recording(*timeline_candidates(events, mem.events, _NotExact), classes,
                       activation_offload_bytes=mem.activation_offload_bytes)
 
 

@@ -34,7 +34,7 @@ from ..training import Training
 _NEW, _FREE, _ADD, _SPIKE = 0, 1, 2, 3  # replay.py's event kinds
 
 
-def timeline_candidates(events: list[tuple[Any, ...]], not_exact: type):  # type: ignore[no-untyped-def]
+def timeline_candidates(events: list[tuple[Any, ...]], timeline: list[int], not_exact: type):  # type: ignore[no-untyped-def]
     """Candidates for the peak before / after the optimizer state appears, the state, the trainables.
 
     Allocations only add and frees only subtract, so the running total can only peak at the last
@@ -48,7 +48,7 @@ def timeline_candidates(events: list[tuple[Any, ...]], not_exact: type):  # type
         raise not_exact("no optimizer state was recorded")
     if len(adds) > 1:
         raise not_exact("optimizer state added twice")
-    before, after = _local(events[:adds[0]]), _local(events[adds[0] + 1:])
+    before, after = _local(events[:adds[0]], timeline), _local(events[adds[0] + 1:], timeline)
     if before.optimizer_scratch or after.optimizer_scratch:
         raise not_exact("the optimizer step allocates scratch")
     return list(before.cands), [before.delta + c for c in after.cands], events[adds[0]][1], list(before.trainables)
@@ -65,7 +65,10 @@ class _Local:
     optimizer_scratch: bool  # a spike with bytes in an optimizer phase
 
 
-def _local(events: list[tuple[Any, ...]]) -> _Local:
+def _local(events: list[tuple[Any, ...]], timeline: list[int]) -> _Local:
+    """The walk over `events`; a tensor whose allocation engine/autograd.py took off `timeline` (sim's
+    Allocator.events: an output of the op a checkpoint recompute stops at, never computed, whose peak the
+    engine restores) is left out, as the engine leaves it out of the peak."""
     cur = 0
     rising = True  # the segment's start total is a real total: a candidate if a free comes first
     cands: list[int] = []
@@ -76,11 +79,15 @@ def _local(events: list[tuple[Any, ...]]) -> _Local:
         kind = ev[0]
         if kind == _NEW:
             t = ev[1]
+            if t.event >= 0 and not timeline[t.event]:
+                continue
             if ev[2] == "trainable_params":
                 trainables.append((t.numel, t.dtype))
             cur += t.nbytes
             rising = True
         elif kind == _FREE:
+            if ev[1].event >= 0 and not timeline[ev[1].event]:
+                continue
             if rising:
                 cands.append(cur)
             cur -= ev[1].nbytes
@@ -139,7 +146,7 @@ def record_extrapolated(model: Any, training: Training, recorder_mixin: type, ev
         run = _Run(alloc, p, m)
         # MarkingAllocator.mark appends the segment that ends there: segment i spans bounds[i]..bounds[i + 1]
         b, tot = alloc.bounds, alloc.totals
-        walks = [_local(events[b[i]:b[i + 1]]) for i in range(len(run.keys))]
+        walks = [_local(events[b[i]:b[i + 1]], alloc.events) for i in range(len(run.keys))]
         for i, w in enumerate(walks):  # a change of the total the recorder did not see (e.g. frees written
             if w.delta + w.state != tot[i + 1] - tot[i]:  # straight into the timeline) breaks the walk
                 raise not_exact("a segment's total changes outside the recorded events")

@@ -120,12 +120,14 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
             notes.append(f"{n_gpus} GPUs: multi-GPU sharding (DDP/FSDP/DeepSpeed) is not modelled yet by estimate(); "
                          "this plan is for one GPU, each of the others would hold the same. Time and cost assume "
                          f"{n_gpus} data-parallel GPUs scaling linearly")
-    if trainer != "hf":
+    point_wise = trainer != "hf" or bool(trainer_options)
+    if point_wise:
         # replay_point.py: one symbolic step per micro-batch, sequence length and rank (the optimizers share it)
         narrowed = ""
         if ranks is RANKS:
             ranks, narrowed = (16,), "; the search is narrowed to LoRA rank 16 (pass --ranks for more)"
-        notes.append(f"planned for trainer {trainer!r} as estimate() runs it: its loss is not a polynomial of the "
+        switches = f" ({', '.join(trainer_options)})" if trainer_options else ""
+        notes.append(f"planned for trainer {trainer!r}{switches} as estimate() runs it: its loss is not a polynomial of the "
                      "batch (tiles of a fixed number of tokens), so each micro-batch, sequence length and rank is "
                      f"one symbolic step (slower than the bare step's one per method setting){narrowed}")
     ev = Evaluator(arch, ranks=ranks, fast=fast, sharded_fast=not modelled)
@@ -229,7 +231,7 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
         bases: dict[PlanConfig, PlanConfig] = {}
         for v in (v for v in variants if v.method == m):
             for ck, at, opt, sh in settings:
-                if (modelled or trainer != "hf") and (ck != max(grad_ckpt) or opt != optimizers[-1]):
+                if (modelled or point_wise) and (ck != max(grad_ckpt) or opt != optimizers[-1]):
                     continue  # a symbolic step per point: the limits only from the least memory-hungry settings
                 b = PlanConfig(v, 1, seq, ck, at, opt, precision, n_gpus, sh)
                 if ev.error(b) is None:
