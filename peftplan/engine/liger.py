@@ -33,7 +33,7 @@ from __future__ import annotations
 from ..arch import ModelArch
 from ..dtypes import BOOL, FP32, INT64
 from .autograd import Node, Param, Tape
-from .ops import COUNTER, Ctx, count_matmul, promote
+from .ops import COUNTER, Ctx, count_matmul, hand_over_weight_grad, promote
 from .sim import Tensor
 
 
@@ -99,14 +99,7 @@ def liger_flce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: int, se
         g = tp.grads.pop(id(node.outputs[0]), None)
         tp.alloc.release(g)
         if grad_weight is not None:
-            param = tp.leaf_params[id(head_t)]
-            if param.grad is None or not param.grad.alive:  # AccumulateGrad takes the returned tensor itself
-                tp.alloc.retain(grad_weight)
-                tp.alloc.recategorize(grad_weight, "grads")
-                param.grad = grad_weight
-                tp._seen.add(id(param))
-            else:
-                tp._grad_for(head_t)
+            hand_over_weight_grad(tp, head_t, grad_weight)
         if h.requires_grad:
             tp._grad_for(h, alias=grad_input)  # the saved grad_input is the final norm output's gradient
         for t in node.saved:

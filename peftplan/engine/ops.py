@@ -151,3 +151,17 @@ def param_as_tensor(ctx: Ctx, p: Param) -> Tensor:
 
 def fp32() -> DType:
     return FP32
+
+
+def hand_over_weight_grad(tp: Tape, head: Tensor, grad_weight: Tensor) -> None:
+    """A fused loss's backward returns the LM head's weight gradient it computed in its forward (Liger's
+    fused linear cross-entropy, Unsloth's fused CE): AccumulateGrad takes that tensor itself as `.grad`
+    when the parameter has none yet, and adds it into the existing one otherwise."""
+    param = tp.leaf_params[id(head)]
+    if param.grad is None or not param.grad.alive:
+        tp.alloc.retain(grad_weight)
+        tp.alloc.recategorize(grad_weight, "grads")
+        param.grad = grad_weight
+        tp._seen.add(id(param))
+    else:
+        tp._grad_for(head)

@@ -19,7 +19,7 @@ import math
 from ..arch import ModelArch
 from ..dtypes import FP32, INT64
 from .autograd import Node, Param, Tape
-from .ops import COUNTER, Ctx, count_matmul
+from .ops import COUNTER, Ctx, count_matmul, hand_over_weight_grad
 from .sim import Tensor, rounded
 
 UNSLOTH_CE_TARGET_GIB = 4.0  # cross_entropy_loss.py:229 `_CE_TARGET_GB_CAP = 4.0` (assumed reached)
@@ -70,14 +70,7 @@ def unsloth_fused_ce(ctx: Ctx, arch: ModelArch, h: Tensor, head: Param, batch: i
     def backward(tp: Tape, node: Node) -> None:
         tp.alloc.release(tp.grads.pop(id(node.outputs[0]), None))
         if grad_weight is not None:
-            param = tp.leaf_params[id(head_t)]
-            if param.grad is None or not param.grad.alive:
-                tp.alloc.retain(grad_weight)
-                tp.alloc.recategorize(grad_weight, "grads")
-                param.grad = grad_weight
-                tp._seen.add(id(param))
-            else:
-                tp._grad_for(head_t)
+            hand_over_weight_grad(tp, head_t, grad_weight)
         if grad_input is not None:
             tp._grad_for(h, alias=grad_input)
         for t in node.saved:

@@ -177,7 +177,7 @@ class Evaluator:
         """Fit verdicts are cheap for any micro-batch here: search beyond the grid."""
         s = self._checked(config)
         return (self._use_fast(s, config) and config.optimizer in _FAST_OPTIMIZERS
-                and not getattr(s, "point_wise", False))  # replay_point.py: a symbolic step per micro-batch
+                and not s.point_wise)  # replay_point.py: a symbolic step per micro-batch
 
     def _fast(self, s: _Structure, config: PlanConfig, gpu: GPU) -> PlanRow:
         r = config.variant.rank or 0
@@ -198,7 +198,7 @@ class Evaluator:
                 optimizer_impl="fused", trainable_bytes=trainable_bytes(s, r),
                 trainable_elements=s.params[config.variant.rank].trainable,
                 paged_bytes_over=min(paged, max(0, device_total + paged - gpu.memory_bytes)) if paged else 0,
-                offload_bytes=s.activation_offload_at(B, T, r) * accum if getattr(s, "point_wise", False) else 0)
+                offload_bytes=s.activation_offload_at(B, T, r) * accum if s.point_wise else 0)
             step_time = timing.step_time_s
             tokens_per_s = config.n_gpus * (B * T) * accum / step_time  # estimate()'s expression
         p = s.params[config.variant.rank]

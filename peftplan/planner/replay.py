@@ -302,6 +302,8 @@ def _flop_fields(fl: Any) -> tuple[int, int, int, int]:
 class _Structure:
     """One recorded symbolic step: method + non-rank options, checkpointing, attention, precision."""
 
+    point_wise = False  # recorded once on encoded sizes (replay_point.py's structures are recorded per point)
+
     def __init__(self, arch: ModelArch, variant: Variant, ranks: tuple[int | None, ...], grad_ckpt: bool,
                  attention: str, precision: str, accumulate: bool = False) -> None:
         """`accumulate`: record the step with gradient accumulation (two micro-batches, the second
