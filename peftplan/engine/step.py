@@ -7,7 +7,7 @@ later micro-batches repeat that state, so two are enough. The peak is the maximu
 Gradient checkpointing: non-reentrant (transformers' default) records each layer's nodes with
 holders instead of saved tensors and recomputes them, with torch's early stop, when backward
 reaches the layer (autograd.CheckpointGroup); reentrant (peft's kbit prep) runs the layer under
-no_grad and reruns it whole inside one CheckpointFunction node's backward (autograd.reentrant_backward).
+no_grad and reruns it whole inside one CheckpointFunction node's backward (recompute.reentrant_backward).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from ..trainers import get_trainer
 from ..training import Training
 from ..tuned import TunedModel
 from .losses import LOSSES
-from .autograd import CheckpointGroup, Node, Param, Tape, reentrant_backward
+from .autograd import CheckpointGroup, Node, Param, Tape
+from .recompute import reentrant_backward
 from . import ops
 from .ops import Ctx, linear
 from .optimizers import OptimizerCost, sequential_step_scratch, tensor_cost

@@ -28,9 +28,11 @@ tracker would see; CUDA streams and events are no-ops on the CPU accelerator (`i
 so there is no overlap of communication with compute and no `record_stream` (on CUDA that delays the reuse
 of a freed block, i.e. reserved memory, not allocated); overlap_comm keeps its buffers regardless. The code
 paths that allocate (engine.py casts, stage_1_and_2.py / stage3.py buffers, partition_parameters.py
-all-gathers) are the accelerator-independent ones, so the engine models them as measured here. A collective's
-input can outlive its last Python reference until gloo's worker completes it: one run in four of the same
-small ZeRO-2 configuration peaked 4 MB (0.4%) higher.
+all-gathers) are the accelerator-independent ones, so the engine models them as measured here. gloo's worker
+thread would keep a collective's tensors alive past DeepSpeed's last reference for a time of the OS's choosing
+(the traced peak moved by up to 4 MB between launches); `_deterministic_collectives` makes every collective
+complete before it returns, so the trace is the same in every launch (ZeRO-1 test configuration: 7 of 7
+launches equal, two of them beside two busy-looping processes).
 """
 
 from __future__ import annotations
@@ -279,6 +281,57 @@ def _run_one(arch: ModelArch, method: str, options: Any, training: Training, ste
             "seconds": time.perf_counter() - t0}
 
 
+_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+                "_reduce_scatter_base", "all_gather", "all_gather_into_tensor", "_all_gather_base", "broadcast",
+                "all_to_all_single")
+
+
+def _deterministic_collectives() -> None:
+    """Make a collective's tensors die when DeepSpeed drops them, as they do on CUDA.
+
+    gloo runs each collective on a worker thread (ProcessGroupGloo::runLoop), which holds the work, and with it
+    the input and output tensors, until a little after the waiting thread has woken: when DeepSpeed dropped
+    its last reference first, the storage was freed by the worker at a time of the OS's choosing, and rank 0's
+    peak read 2.76 MB (4%) higher in 3 of 4 launches of the ZeRO-1 test configuration (backward, the op
+    after a gradient all-reduce). On CUDA the caching allocator counts the free when Python drops the tensor
+    (record_stream only delays the block's reuse). So each rank's gloo group gets one worker thread, and
+    every collective completes and is followed by a barrier (queued behind it on that thread) before it
+    returns: the worker has let go of the tensors by then, and their lifetime is DeepSpeed's references
+    alone. On a CPU accelerator nothing overlaps anyway (streams are no-ops)."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    gloo = c10d.ProcessGroupGloo
+
+    class _OneThreadGloo(gloo):  # type: ignore[misc, valid-type]
+        def __init__(self, store: Any, rank: int, size: int, timeout: Any = None) -> None:
+            opts = gloo._Options()
+            if timeout is not None:
+                opts._timeout = timeout
+            opts._threads = 1
+            opts._devices = [gloo.create_default_device()]
+            super().__init__(store, rank, size, opts)
+
+    c10d.ProcessGroupGloo = _OneThreadGloo
+    barrier = c10d.barrier
+
+    def synchronous(collective: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            work = collective(*args, **kwargs)
+            if c10d._world.pg_coalesce_state:  # inside a coalescing manager: issued (and waited) at its exit
+                return work
+            if work is not None:
+                work.wait()
+            barrier()
+            return work
+
+        return run
+
+    for name in _COLLECTIVES:
+        if hasattr(dist, name):
+            setattr(dist, name, synchronous(getattr(dist, name)))
+
+
 def _worker(rank: int, world: int, port: int, arch_json: str, jobs: list[dict], out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
@@ -301,6 +354,7 @@ def _worker(rank: int, world: int, port: int, arch_json: str, jobs: list[dict], 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     spec = json.loads(arch_json)
     arch = from_hf_config(spec["config"], spec["name"])
+    _deterministic_collectives()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     results = []
     try:

@@ -6,7 +6,8 @@ from functools import lru_cache
 from typing import Any
 
 from ..arch import ModelArch
-from .replay import _DIGIT, _NPOLY, _Structure
+from .encoding import _DIGIT, _NPOLY
+from .replay import _Structure
 
 
 # A recorded structure depends only on the model's architecture, the structure key and the code

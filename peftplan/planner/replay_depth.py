@@ -30,8 +30,8 @@ from typing import Any
 from ..engine.depth import (MarkingAllocator, NotPeriodic, _expand, _family, _flops, _roles, _Run,
                             depth_shape, periodic_samples, shallow_model)
 from ..training import Training
+from .encoding import _ADD, _FREE, _NEW
 
-_NEW, _FREE, _ADD, _SPIKE = 0, 1, 2, 3  # replay.py's event kinds
 
 
 def timeline_candidates(events: list[tuple[Any, ...]], timeline: list[int], not_exact: type):  # type: ignore[no-untyped-def]
@@ -40,8 +40,8 @@ def timeline_candidates(events: list[tuple[Any, ...]], timeline: list[int], not_
     Allocations only add and frees only subtract, so the running total can only peak at the last
     event before a free, at a spike, or at the end: those are the candidates (`_local`'s walk). The
     optimizer state's own add is left out of the running total (the caller adds the state of the
-    optimizer it evaluates). The recording of every block (replay._record_step's fallback) takes this;
-    `not_exact`: replay._NotExact.
+    optimizer it evaluates). The recording of every block (record._record_step's fallback) takes this;
+    `not_exact`: encoding._NotExact.
     """
     adds = [i for i, ev in enumerate(events) if ev[0] == _ADD and ev[2] == "optimizer_state"]
     if not adds:

@@ -20,7 +20,9 @@ from ..engine import roofline
 from ..estimate import count_params
 from ..methods import MethodError
 from ..training import Training, TrainingError
-from .replay import _NotExact, _record_step, state_over
+from .encoding import _NotExact
+from .record import _record_step
+from .replay import state_over
 from .space import Variant
 
 

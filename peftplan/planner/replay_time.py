@@ -31,10 +31,10 @@ def split_eval(coefs: Sequence[int], mono: tuple[int, ...]) -> tuple[int, int]:
 
 
 class KernelPolys:
-    """A micro-batch's kernels as polynomials (12 coefficients each, replay._POS order)."""
+    """A micro-batch's kernels as polynomials (12 coefficients each, encoding._POS order)."""
 
     def __init__(self, kernels: Sequence[tuple[Any, ...]], decode: Any) -> None:
-        """`decode(value) -> coefficients` raises replay._NotExact for a value that is not a polynomial."""
+        """`decode(value) -> coefficients` raises encoding._NotExact for a value that is not a polynomial."""
         mm: dict[tuple[Any, ...], int] = {}
         attn: dict[tuple[Any, ...], int] = {}
         streams: dict[tuple[str, str], int] = {}
