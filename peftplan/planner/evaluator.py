@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from ..arch import ModelArch, resolve_attention
 from ..catalog import GPU
@@ -47,6 +47,8 @@ class Evaluator:
         self.trainer = "hf"
         self.trainer_options: tuple[str, ...] = ()
         self._point_structures: list[tuple[tuple[Any, ...], Any, int]] = []  # (disk key, structure, points on load)
+        # estimate() of this plan's configurations: (config, id(gpu), flush_check) -> (gpu, its estimate)
+        self._estimates: dict[tuple[PlanConfig, int, bool], tuple[GPU, Estimate]] = {}
 
     @property
     def point_wise(self) -> bool:
@@ -69,16 +71,27 @@ class Evaluator:
         return self.structure(config.variant, config.grad_ckpt, config.attention, config.precision,
                               config.grad_accum > 1)
 
-    def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str,
-                  accumulate: bool = False) -> _Structure:
+    def _keys(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str, accumulate: bool
+              ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """(the in-process cache key, the disk key) of a structure."""
         base = _with_ckpt_options(variant.base, grad_ckpt)
         attention = resolve_attention(self.arch, attention, explicit=False)[0]  # as estimate() resolves it
         ranks: tuple[int | None, ...] = self.ranks if variant.method in LORA_LIKE else (None,)
         key = (id(self.arch), base, ranks, grad_ckpt, attention, precision, accumulate, self.trainer,
                self.trainer_options)
+        return key, (base, ranks, grad_ckpt, attention, precision, accumulate)
+
+    def _held(self, key: tuple[Any, ...]) -> Any:
         hit = _STRUCT_CACHE.get(key)
-        if hit is not None and hit[0] is self.arch:
-            return hit[1]
+        return hit[1] if hit is not None and hit[0] is self.arch else None
+
+    def structure(self, variant: Variant, grad_ckpt: bool, attention: str, precision: str,
+                  accumulate: bool = False) -> _Structure:
+        key, disk_key = self._keys(variant, grad_ckpt, attention, precision, accumulate)
+        hit = self._held(key)
+        if hit is not None:
+            return hit
+        base, ranks, grad_ckpt, attention, precision, accumulate = disk_key
         if len(_STRUCT_CACHE) >= _STRUCT_CACHE_MAX:
             _STRUCT_CACHE.clear()
         if self.point_wise:
@@ -94,7 +107,6 @@ class Evaluator:
             self._point_structures.append((point_key, s, len(s._points)))
             _STRUCT_CACHE[key] = (self.arch, s)
             return s
-        disk_key = (base, ranks, grad_ckpt, attention, precision, accumulate)
         s = _disk_load(self.arch, disk_key)
         if s is not None:
             self.stats.structures_loaded += 1
@@ -105,6 +117,71 @@ class Evaluator:
             _disk_save(self.arch, disk_key, s)
         _STRUCT_CACHE[key] = (self.arch, s)
         return s
+
+    def prefetch(self, configs: Iterable[PlanConfig]) -> None:
+        """Record, in worker processes (planner/parallel.py), the symbolic steps `configs` will need and this
+        process does not hold yet: the structures of the bare step, or under a trainer each configuration's
+        point. The serial path reads them from the cache; whatever a worker could not do it still does."""
+        from .parallel import run_parallel
+
+        if not self.fast:
+            return
+        tasks: list[Callable[[], Any]] = []
+        merges: list[Callable[[Any], None]] = []
+        seen: set[Any] = set()
+        for config in configs:
+            key, disk_key = self._keys(config.variant, config.grad_ckpt, config.attention, config.precision,
+                                       config.grad_accum > 1)
+            if self.point_wise:
+                s = self.structure(config.variant, config.grad_ckpt, config.attention, config.precision,
+                                   config.grad_accum > 1)
+                r = config.variant.rank or 0
+                point = (config.micro_batch, config.seq_len, r)
+                if not self._use_fast(s, config) or point in s._points or (id(s), point) in seen or config.variant.rank in s.errors:
+                    continue
+                seen.add((id(s), point))
+                tasks.append(lambda s=s, point=point: (s._point(*point), s._trainables.get(point[2])))
+                merges.append(lambda got, s=s, point=point: (s._points.setdefault(point, got[0]),
+                                                             s._trainables.setdefault(point[2], got[1])))
+                continue
+            if key in seen or self._held(key) is not None:
+                continue
+            seen.add(key)
+            loaded = _disk_load(self.arch, disk_key)
+            if loaded is not None:
+                self.stats.structures_loaded += 1
+                _STRUCT_CACHE[key] = (self.arch, loaded)
+                continue
+            base, ranks, grad_ckpt, attention, precision, accumulate = disk_key
+            tasks.append(lambda a=(self.arch, base, ranks, grad_ckpt, attention, precision, accumulate):
+                         _Structure(*a))
+            merges.append(lambda got, key=key, disk_key=disk_key: self._adopt(key, disk_key, got))
+        if len(tasks) < 2:
+            return
+        for merge, got in zip(merges, run_parallel(tasks)):
+            if got is not None:
+                merge(got)
+
+    def _adopt(self, key: tuple[Any, ...], disk_key: tuple[Any, ...], s: _Structure) -> None:
+        """A structure recorded by a worker: held, counted and saved as structure() does with its own."""
+        if self._held(key) is not None:
+            return
+        s.arch = self.arch
+        if s.models:
+            self.stats.structures_recorded += 1
+        _disk_save(self.arch, disk_key, s)
+        _STRUCT_CACHE[key] = (self.arch, s)
+
+    def prefetch_estimates(self, configs: Iterable[PlanConfig], gpu: GPU) -> None:
+        """estimate() of each of `configs` in worker processes (planner/parallel.py), for `estimate` to return."""
+        from .parallel import run_parallel
+
+        todo = list(dict.fromkeys(c for c in configs if (c, id(gpu), True) not in self._estimates))
+        if len(todo) < 2:
+            return
+        for config, got in zip(todo, run_parallel([lambda c=c: self._estimate(c, gpu, True) for c in todo])):
+            if got is not None:
+                self._estimates[(config, id(gpu), True)] = (gpu, got)
 
     def distrust(self, config: PlanConfig) -> None:
         """Evaluate this configuration's structure with estimate() from now on."""
@@ -209,7 +286,14 @@ class Evaluator:
                        cap - device_total, flops, step_time, tokens_per_s, p.trainable, p.total, path="fast")
 
     def estimate(self, config: PlanConfig, gpu: GPU, flush_check: bool = True) -> Estimate:
-        """estimate() of `config` (`flush_check=False`: see estimate(); for probes whose misses are dropped)."""
+        """estimate() of `config` (`flush_check=False`: see estimate(); for probes whose misses are dropped),
+        memoized for this plan (the first row is estimated to verify the fast path, then again as a shown row)."""
+        got = self._estimates.get((config, id(gpu), flush_check))
+        if got is None or got[0] is not gpu:
+            got = self._estimates[(config, id(gpu), flush_check)] = (gpu, self._estimate(config, gpu, flush_check))
+        return got[1]
+
+    def _estimate(self, config: PlanConfig, gpu: GPU, flush_check: bool) -> Estimate:
         try:
             training = config.training()
             if self.alloc_conf:

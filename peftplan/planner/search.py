@@ -193,6 +193,9 @@ def plan(arch: ModelArch, gpu: GPU, n_gpus: int = 1, seq_len: int | None = None,
 
     # The first row shown is re-estimated with estimate(): should the fast path ever disagree (an
     # engine change it does not cover), that structure is evaluated directly from then on.
+    # the symbolic steps the grid needs, recorded on every core first (a no-op with one core or a warm cache)
+    ev.prefetch(PlanConfig(v, mb, seq, ck, at, opt, precision, n_gpus, sh, accum_for(mb))
+                for v in variants for ck, at, opt, sh in settings for mb in micro_batches)
     best_estimate = None
     for _attempt in range(8):
         rows = grid()
@@ -317,6 +320,18 @@ def _exact_rows(ev: Evaluator, gpu: GPU, fitting: list[PlanRow], closest: list[P
     out: list[PlanRow] = []
     missed: list[PlanRow] = []
     exact_keys: set[tuple[str, bool, str, str]] = set()
+    # the rows the loop below re-estimates (a few more where a row drops out), on every core first
+    wanted: list[PlanConfig] = []
+    for row in fitting:
+        key = (row.config.variant.label, row.config.grad_ckpt, row.config.attention, row.config.shard)
+        if row.path != "direct" and (len(wanted) < EXACT_ROWS or (key not in exact_keys
+                                                                   and len(exact_keys) < EXACT_ROWS)):
+            wanted.append(row.config)
+            exact_keys.add(key)
+    if not fitting:
+        wanted = [r.config for r in closest[:EXACT_ROWS] if r.path != "direct"]
+    ev.prefetch_estimates(wanted, gpu)
+    exact_keys.clear()
     for row in fitting:
         key = (row.config.variant.label, row.config.grad_ckpt, row.config.attention, row.config.shard)
         if row.path != "direct" and (len(out) < EXACT_ROWS or (key not in exact_keys
